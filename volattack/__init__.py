@@ -1,0 +1,50 @@
+"""volattack: adversarial attacks, defences and Dice-based robustness evaluation for 3D
+medical segmentation models.
+
+The public API is loaded lazily so that ``volattack --help`` starts without importing
+torch or MONAI::
+
+    import volattack
+    volattack.list_attacks()
+    model = volattack.create_model("unet", in_channels=1, out_channels=5)
+    atk = volattack.create_attack("pgd", model, eps=4/255, alpha=1/255, steps=20, seed=0)
+    adv = atk(images, labels)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "create_attack": "volattack.attacks",
+    "list_attacks": "volattack.attacks",
+    "Attack": "volattack.attacks",
+    "AttackResult": "volattack.attacks",
+    "eval_mode": "volattack.attacks",
+    "register_attack": "volattack.attacks",
+    "create_model": "volattack.models.zoo",
+    "list_models": "volattack.models.zoo",
+    "load_checkpoint": "volattack.models.checkpoint",
+    "save_checkpoint": "volattack.models.checkpoint",
+    "evaluate": "volattack.evaluation.runner",
+    "make_phantom_dataset": "volattack.data.phantoms",
+    "generate_phantom": "volattack.data.phantoms",
+}
+
+__all__ = sorted(_LAZY) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        value = getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'volattack' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_LAZY))
