@@ -283,7 +283,7 @@ def apgd_checkpoints(steps: int) -> list[int]:
     p = [0.0, 0.22]
     while p[-1] < 1:
         p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
-    ws = sorted({math.ceil(v * steps) for v in p if math.ceil(v * steps) < steps})
+    ws = sorted({math.ceil(v * steps - 1e-9) for v in p if math.ceil(v * steps - 1e-9) < steps})
     return [w for w in ws if w > 0]
 
 

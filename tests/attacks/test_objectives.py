@@ -1,0 +1,103 @@
+"""Known values of the per-sample objectives (hand-made 2x2x2 examples)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from volattack.attacks.objectives import (
+    check_objective,
+    cosine_weights,
+    objective_per_sample,
+    segpgd_lambda,
+)
+
+
+def test_segpgd_lambda_schedule():
+    # l_t = (t - 1) / (2T): 0 at the first step, just under 1/2 at the last
+    assert segpgd_lambda(1, 10) == 0.0
+    assert segpgd_lambda(2, 10) == pytest.approx(0.05)
+    assert segpgd_lambda(10, 10) == pytest.approx(0.45)
+    assert segpgd_lambda(20, 20) == pytest.approx(19 / 40)
+
+
+def _two_class_example():
+    # 2 classes on a 2x2x2 volume; logit of class 1 minus class 0 is z
+    z = torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0, 1.0, 0.0, -0.5]).reshape(1, 1, 2, 2, 2)
+    logits = torch.cat([torch.zeros_like(z), z], dim=1)
+    labels = torch.tensor([1, 1, 0, 1, 0, 0, 1, 1]).reshape(1, 1, 2, 2, 2)
+    return logits, labels, z.flatten(), labels.flatten()
+
+
+def test_ce_and_segpgd_by_hand():
+    logits, labels, z, y = _two_class_example()
+    # CE_i = log(1 + exp(-z)) for y=1, log(1 + exp(z)) for y=0
+    ce = torch.where(y == 1, F.softplus(-z), F.softplus(z))
+    assert objective_per_sample(logits, labels, "ce").item() == pytest.approx(ce.mean().item(), rel=1e-6)
+    correct = (z > 0).long() == y
+    for t, T in [(1, 4), (3, 4)]:
+        lam = (t - 1) / (2 * T)
+        want = ((1 - lam) * ce[correct].sum() + lam * ce[~correct].sum()) / 8
+        got = objective_per_sample(logits, labels, "segpgd", step=t, steps=T)
+        assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    # targeted swaps the weights: voxels not yet at the target get 1 - lambda
+    lam = 0.25
+    want = (lam * ce[correct].sum() + (1 - lam) * ce[~correct].sum()) / 8
+    got = objective_per_sample(logits, labels, "segpgd", step=3, steps=4, targeted=True)
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+
+
+def test_cospgd_weights_by_hand_and_detached():
+    logits = torch.zeros(1, 2, 2, 2, 2)
+    logits[0, 0, 0, 0, 0] = math.log(3.0)  # p = (0.75, 0.25)
+    labels = torch.zeros(1, 1, 2, 2, 2, dtype=torch.long)
+    labels[0, 0, 1, 1, 1] = 1
+    w = cosine_weights(logits, labels)
+    # p = (.5, .5): cos = 0.5 / sqrt(0.5) = 0.7071; p = (.75, .25), y = 0: 0.75 / sqrt(0.625)
+    assert w[0, 0, 0, 0].item() == pytest.approx(0.75 / math.sqrt(0.625), rel=1e-6)
+    assert w[0, 1, 1, 1].item() == pytest.approx(1 / math.sqrt(2), rel=1e-6)
+    assert w.shape == (1, 2, 2, 2)  # per voxel, not one scalar
+    # the weight is detached: d loss / d logits = w * d CE / d logits / N
+    lg = logits.clone().requires_grad_(True)
+    objective_per_sample(lg, labels, "cospgd").sum().backward()
+    lg2 = logits.clone().requires_grad_(True)
+    ce = F.cross_entropy(lg2, labels[:, 0], reduction="none")
+    (w * ce).mean().backward()
+    torch.testing.assert_close(lg.grad, lg2.grad)
+    # targeted uses 1 - cos
+    t = objective_per_sample(logits, labels, "cospgd", targeted=True)
+    assert t.item() == pytest.approx(((1 - w) * ce.detach()).mean().item(), rel=1e-6)
+
+
+def test_dice_ce_is_dice_plus_ce_and_per_sample():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 4, 5, 6, 7, generator=g)
+    labels = torch.randint(0, 4, (3, 1, 5, 6, 7), generator=g)
+    dce = objective_per_sample(logits, labels, "dice_ce")
+    d = objective_per_sample(logits, labels, "dice")
+    c = objective_per_sample(logits, labels, "ce")
+    torch.testing.assert_close(dce, d + c)
+    assert dce.shape == (3,)
+    for kind in ("ce", "dice", "dice_ce", "segpgd", "cospgd"):
+        batch = objective_per_sample(logits, labels, kind, step=2, steps=5)
+        single = torch.cat([objective_per_sample(logits[i:i + 1], labels[i:i + 1], kind, step=2, steps=5)
+                            for i in range(3)])
+        torch.testing.assert_close(batch, single)
+
+
+def test_dice_loss_by_hand():
+    # perfect, confident prediction -> dice loss near 0; uniform prediction on 2 classes -> known value
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]).reshape(1, 1, 2, 2, 2)
+    logits = torch.zeros(1, 2, 2, 2, 2)
+    # p = 0.5 everywhere: each class: 2 * (4 * 0.5) / (8 * 0.5 + 4) = 0.5 -> loss 0.5
+    assert objective_per_sample(logits, labels, "dice").item() == pytest.approx(0.5, abs=1e-5)
+    sharp = torch.cat([(labels == 0).float(), (labels == 1).float()], dim=1) * 50
+    assert objective_per_sample(sharp, labels, "dice").item() == pytest.approx(0.0, abs=1e-5)
+
+
+def test_unknown_objective():
+    with pytest.raises(ValueError, match="objective must be one of .* got 'dice-ce'. Did you mean 'dice_ce'"):
+        check_objective("dice-ce")
