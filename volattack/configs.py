@@ -42,6 +42,9 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None
+        non_none = [a for a in args if a is not type(None)]
+        if len(non_none) == 1:  # Optional[X]: report X's own error
+            return _convert(value, non_none[0], path)
         errors = []
         for a in args:
             if a is type(None):
@@ -85,6 +88,8 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected an integer, got {value!r}.")
         return value
     if tp is float:
+        if isinstance(value, str):  # "1e-3" (YAML 1.1 reads it as a string) and "8/255"
+            value = _parse_float_text(value, path)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}.")
         return float(value)
@@ -93,6 +98,25 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected a string, got {value!r}.")
         return value
     return value
+
+
+def _parse_float_text(text: str, path: str) -> Any:
+    """Parse ``"1e-3"`` or a fraction ``"8/255"`` (never evaluated); other text is returned as is."""
+    t = text.strip()
+    if "/" in t:
+        parts = t.split("/")
+        if len(parts) == 2:
+            try:
+                num, den = float(parts[0]), float(parts[1])
+                if den != 0:
+                    return num / den
+            except ValueError:
+                pass
+        return text
+    try:
+        return float(t)
+    except ValueError:
+        return text
 
 
 def from_dict(cls: type[C], data: Mapping[str, Any] | None, path: str = "") -> C:

@@ -1,0 +1,222 @@
+"""The ``volattack`` command line: train, attack, evaluate, benchmark, phantoms, list.
+
+Argument parsing imports neither torch nor MONAI, so ``volattack --help`` and argument
+errors answer at once; each handler imports what it needs. Exit codes: 0 success,
+2 bad arguments or configuration, 1 any other failure (the message names the cause).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+logger = logging.getLogger("volattack")
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
+
+
+def _add_common(p: argparse.ArgumentParser, *, config: bool = True) -> None:
+    if config:
+        p.add_argument("config", help="YAML config file (see configs/)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.epochs=5 (repeatable)")
+    p.add_argument("--out", default=None, help="run directory (default: output_dir of the config)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (no heavy imports)."""
+    parser = argparse.ArgumentParser(
+        prog="volattack",
+        description="Adversarial attacks and robustness evaluation for 3D medical segmentation models.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("phantoms", help="write synthetic abdominal-CT phantoms and a datalist")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--n", type=int, default=16, help="training cases (default 16)")
+    p.add_argument("--n-val", type=int, default=2, help="validation cases (default 2)")
+    p.add_argument("--n-test", type=int, default=4, help="test cases (default 4)")
+    p.add_argument("--size", type=int, nargs="+", default=[64, 64, 48], help="volume size, 1 or 3 ints")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("train", help="train a segmenter from a config (AdamW + Dice-CE)")
+    _add_common(p)
+    p.add_argument("--resume", action="store_true", help="continue from last.pt in the run directory")
+
+    p = sub.add_parser("attack", help="run one attack on a dataset with a trained checkpoint")
+    p.add_argument("checkpoint", help="checkpoint (.pt) written by volattack train")
+    p.add_argument("datalist", help="MSD-style datalist JSON")
+    p.add_argument("attack", help="attack name (volattack list attacks)")
+    p.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
+                   help="attack parameter, e.g. -p eps=8/255 -p steps=10 (repeatable)")
+    p.add_argument("--split", default="test", help="datalist key to attack (default: test)")
+    p.add_argument("--config", default=None,
+                   help="run config for preprocessing (default: config.yaml beside the checkpoint)")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--max-cases", type=int, default=None)
+    p.add_argument("--save-adv", action="store_true", help="write adversarial volumes (float32 NIfTI, HU)")
+    p.add_argument("--save-pred", action="store_true", help="write clean/adversarial predictions (NIfTI labels)")
+    _add_common(p, config=False)
+
+    p = sub.add_parser("evaluate", help="evaluate a checkpoint against a list of attacks and budgets")
+    _add_common(p)
+    p.add_argument("--checkpoint", default=None, help="checkpoint to evaluate (overrides evaluate.checkpoint)")
+
+    p = sub.add_parser("benchmark", help="whole pipeline from a config: phantoms, training, evaluation")
+    _add_common(p)
+
+    p = sub.add_parser("list", help="list registered attacks, models or objectives")
+    p.add_argument("what", nargs="?", default="all", choices=["all", "attacks", "models", "objectives"])
+    return parser
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _out_dir(args: argparse.Namespace, cfg) -> Path:
+    return Path(args.out) if args.out else Path(cfg.output_dir)
+
+
+def cmd_phantoms(args: argparse.Namespace) -> int:
+    from volattack.data.phantoms import make_phantom_dataset
+
+    size = args.size * 3 if len(args.size) == 1 else args.size
+    if len(size) != 3:
+        raise ValueError(f"--size takes 1 or 3 integers, got {args.size}.")
+    path = make_phantom_dataset(args.out, n=args.n, size=tuple(size), seed=args.seed,
+                                n_val=args.n_val, n_test=args.n_test)
+    sys.stdout.write(f"{path}\n")
+    return EXIT_OK
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from volattack.pipeline import ensure_phantoms, load_run_config, run_train
+
+    cfg = ensure_phantoms(load_run_config(args.config, args.overrides))
+    out = _out_dir(args, cfg)
+    summary = run_train(cfg, out, resume=args.resume, progress=not args.quiet)
+    sys.stdout.write(f"best validation Dice {summary['best_dice']:.3f}; checkpoint: {summary['best_checkpoint']}\n")
+    return EXIT_OK
+
+
+def _finish_eval(results: dict, out: Path) -> int:
+    from volattack.evaluation.report import markdown_table
+
+    sys.stdout.write(markdown_table(results) + "\n\n")
+    sys.stdout.write(f"report: {out / 'report.md'}\n")
+    return EXIT_OK
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from volattack.pipeline import load_run_config, run_evaluate
+
+    cfg = load_run_config(args.config, args.overrides)
+    out = _out_dir(args, cfg)
+    return _finish_eval(run_evaluate(cfg, out, checkpoint=args.checkpoint, progress=not args.quiet), out)
+
+
+def cmd_attack(args: argparse.Namespace) -> int:
+    from volattack.configs import apply_overrides, from_dict, load_yaml, parse_override
+    from volattack.evaluation.config import RunConfig
+    from volattack.pipeline import config_from_checkpoint_dir, run_evaluate
+
+    raw = load_yaml(args.config) if args.config else (config_from_checkpoint_dir(args.checkpoint) or {})
+    raw = {k: v for k, v in raw.items() if k in ("seed", "data", "model")}
+    params = {}
+    for item in args.params:
+        keys, value = parse_override(item)
+        params[".".join(keys)] = value
+    raw.setdefault("data", {})
+    raw["data"]["datalist"] = args.datalist
+    raw["evaluate"] = {
+        "checkpoint": args.checkpoint,
+        "split": args.split,
+        "attacks": [{"name": args.attack, "params": params}],
+        "save_adv": args.save_adv,
+        "save_pred": args.save_pred,
+        "max_cases": args.max_cases,
+    }
+    if args.seed is not None:
+        raw["seed"] = args.seed
+    raw["output_dir"] = args.out or f"runs/attack_{args.attack}"
+    cfg = from_dict(RunConfig, apply_overrides(raw, args.overrides))
+    out = _out_dir(args, cfg)
+    return _finish_eval(run_evaluate(cfg, out, progress=not args.quiet), out)
+
+
+def cmd_benchmark(args: argparse.Namespace) -> int:
+    from volattack.pipeline import load_run_config, run_benchmark
+
+    cfg = load_run_config(args.config, args.overrides)
+    out = _out_dir(args, cfg)
+    return _finish_eval(run_benchmark(cfg, out, progress=not args.quiet), out)
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    lines = []
+    if args.what in ("all", "attacks"):
+        import volattack
+
+        lines.append("attacks: " + ", ".join(volattack.list_attacks()))
+    if args.what in ("all", "models"):
+        from volattack.models.zoo import list_models
+
+        lines.append("models: " + ", ".join(list_models()))
+    if args.what in ("all", "objectives"):
+        from volattack.attacks.objectives import OBJECTIVES
+
+        lines.append("objectives: " + ", ".join(OBJECTIVES))
+    sys.stdout.write("\n".join(lines) + "\n")
+    return EXIT_OK
+
+
+HANDLERS = {
+    "phantoms": cmd_phantoms,
+    "train": cmd_train,
+    "attack": cmd_attack,
+    "evaluate": cmd_evaluate,
+    "benchmark": cmd_benchmark,
+    "list": cmd_list,
+}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the ``volattack`` console script and ``python -m volattack``."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.version:
+        from volattack import __version__
+
+        sys.stdout.write(f"volattack {__version__}\n")
+        return EXIT_OK
+    if not args.command:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    _setup_logging(getattr(args, "quiet", False))
+    from volattack.configs import ConfigError
+
+    try:
+        return HANDLERS[args.command](args)
+    except ConfigError as e:
+        sys.stderr.write(f"volattack {args.command}: config error: {e}\n")
+        return EXIT_USAGE
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        sys.stderr.write(f"volattack {args.command}: error: {e}\n")
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        sys.stderr.write(f"volattack {args.command}: interrupted; rerun the same command to resume.\n")
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

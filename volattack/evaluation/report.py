@@ -1,0 +1,137 @@
+"""Human-readable reports of evaluation results: Markdown table and CSV.
+
+``report.md`` holds the robustness table (one row per attack configuration), per-class
+Dice, and the definitions of every figure, so the report can be read on its own.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from pathlib import Path
+from typing import Any
+
+from volattack.utils import atomic_write_text
+
+COLUMNS = [
+    ("attack", "Attack"),
+    ("clean_dice", "Clean Dice"),
+    ("adv_dice", "Adv Dice"),
+    ("dice_drop", "Drop"),
+    ("dice_drop_rel", "Rel drop"),
+    ("fooling_rate", "Fooling rate"),
+    ("flip_rate", "Flip rate"),
+    ("hd95_mm", "HD95 mm"),
+    ("linf", "L-inf"),
+    ("linf_units", "L-inf HU"),
+    ("rms_units", "RMS HU"),
+    ("psnr", "PSNR dB"),
+    ("ssim", "SSIM"),
+    ("seconds", "Time s"),
+]
+
+DEFINITIONS = """\
+Definitions (per case, then averaged over cases; NaN values are skipped in means):
+- Dice: mean over foreground classes of 2|P∩G|/(|P|+|G|); a class absent from the ground truth
+  counts as NaN (skipped) when also absent from the prediction, and 0 when predicted.
+- Drop: clean Dice − adversarial Dice; Rel drop: Drop / clean Dice.
+- Fooling rate (threshold t): fraction of cases whose Dice falls by at least t relative to clean,
+  (clean − adv)/clean ≥ t; cases with clean Dice 0 or NaN are excluded.
+- Flip rate: fraction of voxels in the union of clean-predicted and true foreground whose predicted
+  class changes under attack.
+- HD95 mm: 95th-percentile symmetric Hausdorff distance in millimetres (voxel spacing after
+  preprocessing); a class missing from exactly one of prediction/ground truth scores the image diagonal.
+- L-inf, RMS: size of the perturbation in input units and in HU (the intensity window's HU per unit);
+  PSNR = 10 log10(range²/MSE); SSIM: 3D SSIM (gaussian window 7, σ 1.5) between clean and adversarial input.
+- Time: seconds per case of the attack itself.
+"""
+
+
+def _fmt(v: Any, key: str) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, str):
+        return v
+    if isinstance(v, float) and math.isnan(v):
+        return "–"
+    if isinstance(v, float) and math.isinf(v):
+        return "∞"
+    if key in ("linf", "rms"):
+        return f"{v * 255:.2f}/255"
+    if key in ("linf_units", "rms_units", "hd95_mm", "psnr"):
+        return f"{v:.1f}"
+    if key == "seconds":
+        return f"{v:.2f}"
+    return f"{v:.3f}"
+
+
+def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per attack configuration plus the clean row, keys as in :data:`COLUMNS`."""
+    summ = results["summary"]
+    rows = [{"attack": "clean", "clean_dice": summ["clean"]["dice"], "adv_dice": summ["clean"]["dice"],
+             "hd95_mm": summ["clean"]["hd95_mm"]}]
+    for label, s in summ["attacks"].items():
+        rows.append({"attack": label, **s})
+    return rows
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The robustness table as Markdown."""
+    rows = table_rows(results)
+    head = "| " + " | ".join(h for _, h in COLUMNS) + " |"
+    sep = "|" + "|".join("---" for _ in COLUMNS) + "|"
+    body = ["| " + " | ".join(_fmt(r.get(k), k) for k, _ in COLUMNS) + " |" for r in rows]
+    return "\n".join([head, sep, *body])
+
+
+def per_class_table(results: dict[str, Any]) -> str:
+    """Mean Dice per foreground class, clean and per attack, as Markdown."""
+    summ = results["summary"]
+    k = len(summ["clean"]["dice_per_class"])
+    names = results.get("class_names") or {}
+    heads = [names.get(str(c), f"class {c}") for c in range(1, k + 1)]
+    lines = ["| Attack | " + " | ".join(heads) + " |", "|" + "---|" * (k + 1)]
+    lines.append("| clean | " + " | ".join(_fmt(v, "dice") for v in summ["clean"]["dice_per_class"]) + " |")
+    for label, s in summ["attacks"].items():
+        lines.append(f"| {label} | " + " | ".join(_fmt(v, "dice") for v in s["dice_per_class"]) + " |")
+    return "\n".join(lines)
+
+
+def csv_text(results: dict[str, Any]) -> str:
+    """The robustness table as CSV (raw numbers, input units)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow([k for k, _ in COLUMNS])
+    for r in table_rows(results):
+        w.writerow(["" if r.get(k) is None else r.get(k) for k, _ in COLUMNS])
+    return buf.getvalue()
+
+
+def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
+    """Write ``report.md`` and ``results.csv`` into ``out_dir``; returns the report path."""
+    out = Path(out_dir)
+    model = results.get("model") or {}
+    lines = [
+        "# volattack robustness report",
+        "",
+        f"- model: {model.get('name', '?')} ({model.get('checkpoint', 'in memory')})",
+        f"- cases: {results['summary']['n_cases']}; seed {results['seed']} (case i uses seed + i); "
+        f"threat model: `{results['threat_model']}` (attack through the same sliding-window inference "
+        "that scores it)",
+        f"- fooling-rate threshold: {results['fooling_threshold']}",
+        f"- volattack {results['volattack']}, torch {results['versions'].get('torch')}, "
+        f"monai {results['versions'].get('monai')}",
+        "",
+        "## Robustness",
+        "",
+        markdown_table(results),
+        "",
+        "## Dice per class",
+        "",
+        per_class_table(results),
+        "",
+        DEFINITIONS,
+    ]
+    atomic_write_text(out / "results.csv", csv_text(results))
+    return atomic_write_text(out / "report.md", "\n".join(lines))

@@ -1,0 +1,148 @@
+"""Pipelines behind the command line: phantoms -> training -> evaluation, resumable.
+
+Each function takes a resolved :class:`~volattack.evaluation.config.RunConfig` and a run
+directory. Rerunning the same command after an interruption resumes: finished
+phantoms, a finished training run and finished evaluation cases are reused.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Optional
+
+from volattack.configs import ConfigError, dump_yaml, from_dict, load_yaml, to_dict
+from volattack.evaluation.config import RunConfig
+from volattack.utils import atomic_write_json, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+def load_run_config(path: Optional[str], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a YAML run config (``yaml.safe_load``), apply ``--set`` overrides, type-check it."""
+    from volattack.configs import apply_overrides
+
+    raw = load_yaml(path) if path else {}
+    raw = apply_overrides(raw, list(overrides))
+    return from_dict(RunConfig, raw)
+
+
+def ensure_phantoms(cfg: RunConfig) -> RunConfig:
+    """Generate the configured phantoms unless the same ones exist; point ``data.datalist`` at them."""
+    if cfg.phantoms is None:
+        return cfg
+    from volattack.data.phantoms import make_phantom_dataset
+
+    p = cfg.phantoms
+    out = Path(p.out)
+    marker = out / "phantoms.json"
+    params = to_dict(p)
+    datalist = out / "dataset.json"
+    if not (marker.is_file() and datalist.is_file() and json.loads(marker.read_text()) == params):
+        logger.info("generating %d+%d+%d phantoms in %s", p.n, p.n_val, p.n_test, out)
+        datalist = make_phantom_dataset(out, n=p.n, size=tuple(p.size), seed=p.seed, n_val=p.n_val, n_test=p.n_test)
+        atomic_write_json(marker, params)
+    else:
+        logger.info("phantoms in %s already exist, reused", out)
+    if cfg.data.datalist and Path(cfg.data.datalist) != datalist:
+        logger.info("data.datalist %s replaced by the generated phantoms %s", cfg.data.datalist, datalist)
+    return replace(cfg, data=replace(cfg.data, datalist=str(datalist)))
+
+
+def run_train(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Train ``cfg.model`` on ``cfg.data`` into ``out_dir`` (``best.pt``, ``last.pt``, ``train_log.json``)."""
+    from volattack.training import train
+
+    if cfg.train is None:
+        raise ConfigError("The config has no 'train' section.")
+    if not cfg.data.datalist:
+        raise ConfigError("data.datalist is empty: give a datalist JSON or a 'phantoms' section.")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
+    return train(cfg.model, cfg.train, cfg.data, out_dir, seed=cfg.seed, resume=resume, progress=progress)
+
+
+def run_evaluate(cfg: RunConfig, out_dir: Path, *, checkpoint: Optional[str] = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Evaluate a checkpoint clean and under ``cfg.evaluate.attacks``; writes results.json, report.md."""
+    from volattack.data.datalist import load_datalist
+    from volattack.evaluation.runner import evaluate
+    from volattack.models.checkpoint import load_checkpoint
+
+    ckpt = checkpoint or cfg.evaluate.checkpoint
+    if not ckpt:
+        raise ConfigError("No checkpoint to evaluate: set evaluate.checkpoint or pass --checkpoint.")
+    if not cfg.evaluate.attacks:
+        logger.warning("evaluate.attacks is empty: only clean Dice is reported")
+    # fail on bad attack names/parameters before loading data
+    _validate_attacks(cfg)
+    model, meta = load_checkpoint(ckpt)
+    info = dict(meta.get("model", {}))
+    info["checkpoint"] = str(ckpt)
+    cases = load_datalist(cfg.data.datalist, key=cfg.evaluate.split, base_dir=cfg.data.base_dir)
+    names = _class_names(cfg.data.datalist)
+    return evaluate(
+        model,
+        cases,
+        out_dir,
+        eval_cfg=cfg.evaluate,
+        preprocess=cfg.data.preprocess,
+        num_classes=int(info.get("out_channels", cfg.model.out_channels)),
+        seed=cfg.seed,
+        class_names=names,
+        run_config=replace(cfg, evaluate=replace(cfg.evaluate, checkpoint=str(ckpt))),
+        model_info=info,
+        progress=progress,
+    )
+
+
+def run_benchmark(cfg: RunConfig, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+    """The whole pipeline: phantoms (if configured), training (resumed if interrupted, skipped
+    if finished), evaluation (finished cases reused). Returns the evaluation results."""
+    cfg = ensure_phantoms(cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
+    ckpt = cfg.evaluate.checkpoint
+    if cfg.train is not None:
+        _validate_attacks(cfg)
+        train_dir = out_dir / "train"
+        summary_path = train_dir / "train_summary.json"
+        if summary_path.is_file() and (train_dir / "best.pt").is_file():
+            logger.info("training in %s already finished, reused", train_dir)
+            summary = json.loads(summary_path.read_text())
+        else:
+            summary = run_train(cfg, train_dir, resume=(train_dir / "last.pt").is_file(), progress=progress)
+            atomic_write_json(summary_path, summary)
+        ckpt = summary["best_checkpoint"]
+    return run_evaluate(cfg, out_dir, checkpoint=ckpt, progress=progress)
+
+
+def _validate_attacks(cfg: RunConfig) -> None:
+    """Build every configured attack on a dummy model so bad names/values fail before any work."""
+    import torch
+
+    import volattack
+
+    dummy = torch.nn.Conv3d(1, 1, 1)
+    for spec in cfg.evaluate.attacks:
+        for label, kw in spec.expand():
+            try:
+                volattack.create_attack(spec.name, dummy, **kw)
+            except (ValueError, TypeError) as e:
+                raise ConfigError(f"evaluate.attacks: {label}: {e}") from e
+
+
+def _class_names(datalist: str) -> dict[int, str]:
+    try:
+        labels = json.loads(Path(datalist).read_text()).get("labels", {})
+        return {int(k): str(v) for k, v in labels.items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def config_from_checkpoint_dir(checkpoint: str) -> Optional[dict[str, Any]]:
+    """The raw ``config.yaml`` saved beside a checkpoint by ``volattack train``, if any."""
+    p = Path(checkpoint).parent / "config.yaml"
+    return load_yaml(p) if p.is_file() else None
