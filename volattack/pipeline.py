@@ -42,7 +42,10 @@ def ensure_phantoms(cfg: RunConfig) -> RunConfig:
     datalist = out / "dataset.json"
     if not (marker.is_file() and datalist.is_file() and json.loads(marker.read_text()) == params):
         logger.info("generating %d+%d+%d phantoms in %s", p.n, p.n_val, p.n_test, out)
-        datalist = make_phantom_dataset(out, n=p.n, size=tuple(p.size), seed=p.seed, n_val=p.n_val, n_test=p.n_test)
+        datalist = make_phantom_dataset(
+            out, n=p.n, size=tuple(p.size), seed=p.seed, n_val=p.n_val, n_test=p.n_test,
+            spacing=p.spacing, phantom_kwargs=p.phantom_kwargs,
+        )
         atomic_write_json(marker, params)
     else:
         logger.info("phantoms in %s already exist, reused", out)

@@ -2,8 +2,14 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Optional
+
+#: Reader names accepted by ``PreprocessConfig.reader`` (``None``: chosen by file suffix).
+READERS: tuple[str, ...] = ("NibabelReader", "ITKReader", "SimpleITKReader")
+
+_AXIS_PAIRS = ("LR", "AP", "SI")
 
 
 @dataclass
@@ -27,7 +33,52 @@ class PreprocessConfig:
     num_samples: int = 2
     pos: float = 1.0
     neg: float = 1.0
-    reader: Optional[str] = None  # None: MONAI picks; or "NibabelReader" / "ITKReader"
+    reader: Optional[str] = None  # None: by suffix; or "NibabelReader" / "ITKReader" / "SimpleITKReader"
+
+    def validate(self) -> "PreprocessConfig":
+        """Check every field; raise ``ValueError`` naming the field and the bad value.
+
+        Returns:
+            ``self``, for chaining.
+        """
+        if self.spacing is not None:
+            sp = list(self.spacing)
+            if len(sp) != 3 or not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0
+                for v in sp
+            ):
+                raise ValueError(f"spacing must be None or 3 positive numbers (mm), got {self.spacing!r}.")
+        codes = str(self.orientation)
+        if (
+            len(codes) != 3
+            or not codes.isupper()
+            or sorted(next((i for i, p in enumerate(_AXIS_PAIRS) if c in p), -1) for c in codes) != [0, 1, 2]
+        ):
+            raise ValueError(
+                f"orientation must be 3 axis codes, one of each of L/R, A/P, S/I (e.g. 'RAS'), "
+                f"got {self.orientation!r}."
+            )
+        for name in ("a_min", "a_max", "b_min", "b_max", "pos", "neg"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise ValueError(f"{name} must be a finite number, got {v!r}.")
+        if not self.a_max > self.a_min:
+            raise ValueError(f"a_max must be > a_min, got a_min={self.a_min}, a_max={self.a_max}.")
+        if not self.b_max > self.b_min:
+            raise ValueError(f"b_max must be > b_min, got b_min={self.b_min}, b_max={self.b_max}.")
+        roi = list(self.roi_size)
+        if len(roi) != 3 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in roi):
+            raise ValueError(f"roi_size must be 3 positive integers, got {self.roi_size!r}.")
+        n = self.num_samples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"num_samples must be an integer >= 1, got {self.num_samples!r}.")
+        if self.pos < 0 or self.neg < 0 or self.pos + self.neg <= 0:
+            raise ValueError(
+                f"pos and neg must be >= 0 and not both 0, got pos={self.pos}, neg={self.neg}."
+            )
+        if self.reader is not None and self.reader not in READERS:
+            raise ValueError(f"reader must be None or one of {list(READERS)}, got {self.reader!r}.")
+        return self
 
 
 @dataclass
@@ -40,6 +91,8 @@ class PhantomConfig:
     n_val: int = 2
     size: list[int] = field(default_factory=lambda: [64, 64, 48])
     seed: int = 0
+    spacing: Optional[list[float]] = None  # None: about 1.5 x 1.5 x 3.0 mm jittered per case
+    phantom_kwargs: dict = field(default_factory=dict)  # generate_phantom keywords (noise_hu, ...)
 
 
 @dataclass

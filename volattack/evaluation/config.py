@@ -122,6 +122,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}.")
+        self.data.preprocess.validate()
 
 
 def is_finite_number(v: Any) -> bool:

@@ -1,0 +1,124 @@
+"""MSD-style datalists: a JSON object whose split keys hold lists of cases.
+
+Format (Medical Segmentation Decathlon ``dataset.json``)::
+
+    {"training": [{"image": "imagesTr/a.nii.gz", "label": "labelsTr/a.nii.gz"}, ...],
+     "validation": [...],
+     "test": ["imagesTs/b.nii.gz", ...]}          # plain strings: image only
+
+Relative paths are resolved against ``base_dir`` (default: the JSON's folder). This module
+only uses the standard library (no torch/MONAI import).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Optional, Union
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+_PATH_KEYS: tuple[str, ...] = ("image", "label")
+
+
+def _resolve(value: str, base: Path) -> str:
+    p = Path(value).expanduser()
+    return str(p if p.is_absolute() else (base / p))
+
+
+def load_datalist(
+    path: PathLike,
+    key: str = "training",
+    base_dir: Optional[PathLike] = None,
+    require_label: bool = True,
+    check_files: bool = True,
+) -> list[dict[str, str]]:
+    """Load one split of an MSD-style datalist JSON with resolved, checked paths.
+
+    Follows the Medical Segmentation Decathlon ``dataset.json`` convention (Antonelli et
+    al., 2022), as read by ``monai.data.load_decathlon_datalist``, with stricter errors.
+
+    Args:
+        path: the JSON file.
+        key: the split to read (``"training"``, ``"validation"``, ``"test"``, ...).
+        base_dir: folder that relative paths are relative to; default the JSON's folder.
+        require_label: every entry must have a ``"label"``; when False, entries may also be
+            plain strings (image paths) or dicts without a label.
+        check_files: raise if a referenced image or label file does not exist.
+
+    Returns:
+        One dict per case with absolute ``"image"`` (and ``"label"`` when present) paths;
+        other string fields of an entry are kept as they are.
+
+    Raises:
+        FileNotFoundError: the JSON file, or a referenced file (the message names the key,
+            the entry index and the missing path).
+        ValueError: invalid JSON, a missing key (the available keys are listed), a split that
+            is not a list, or an entry without ``"image"``/``"label"`` or with a non-string
+            path (the entry index is named).
+    """
+    json_path = Path(path).expanduser()
+    if not json_path.is_file():
+        raise FileNotFoundError(f"Datalist JSON not found: {str(json_path)!r}.")
+    try:
+        with open(json_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"Datalist {str(json_path)!r} is not valid JSON: {e}.") from e
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"Datalist {str(json_path)!r} must hold a JSON object, got {type(data).__name__}."
+        )
+    if key not in data:
+        available = sorted(k for k, v in data.items() if isinstance(v, list))
+        raise ValueError(
+            f"key {key!r} not found in datalist {str(json_path)!r}; "
+            f"available list keys: {available}."
+        )
+    items = data[key]
+    if not isinstance(items, list):
+        raise ValueError(
+            f"key {key!r} of datalist {str(json_path)!r} must be a list of cases, "
+            f"got {type(items).__name__}."
+        )
+    base = Path(base_dir).expanduser().resolve() if base_dir is not None else json_path.resolve().parent
+    if not items:
+        warnings.warn(f"key {key!r} of datalist {str(json_path)!r} is empty.", stacklevel=2)
+
+    out: list[dict[str, str]] = []
+    for i, entry in enumerate(items):
+        if isinstance(entry, str):
+            entry = {"image": entry}
+        if not isinstance(entry, dict):
+            raise ValueError(
+                f"entry {i} of {key!r} in {str(json_path)!r} must be an object or a path string, "
+                f"got {type(entry).__name__}: {entry!r}."
+            )
+        required = _PATH_KEYS if require_label else ("image",)
+        for k in required:
+            if k not in entry:
+                raise ValueError(
+                    f"entry {i} of {key!r} in {str(json_path)!r} has no {k!r} field: {entry!r}."
+                )
+        case: dict[str, Any] = dict(entry)
+        for k in _PATH_KEYS:
+            if k not in case:
+                continue
+            if not isinstance(case[k], str) or not case[k]:
+                raise ValueError(
+                    f"entry {i} of {key!r} in {str(json_path)!r}: {k!r} must be a non-empty path "
+                    f"string, got {case[k]!r}."
+                )
+            case[k] = _resolve(case[k], base)
+            if check_files and not Path(case[k]).exists():
+                raise FileNotFoundError(
+                    f"entry {i} of {key!r} in {str(json_path)!r}: {k} file not found: {case[k]!r}."
+                )
+        out.append(case)
+    logger.debug("loaded %d cases from %s[%r]", len(out), json_path, key)
+    return out
