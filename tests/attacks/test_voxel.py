@@ -179,3 +179,25 @@ def test_bad_parameters(kw, msg, model_and_data):
     model, _, _ = model_and_data
     with pytest.raises(ValueError, match=msg):
         volattack.create_attack("pgd", model, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_runs_and_fp16_gradients_do_not_underflow(dtype):
+    """Under fp16 autocast a mean over 64^3 voxels gives per-voxel gradients below fp16's range; the
+    attack scales the loss by the voxel count so that every voxel still gets a signed step."""
+    from monai.networks.nets import UNet
+
+    torch.manual_seed(0)
+    m = UNet(3, 1, 3, (8, 16), (2,), num_res_units=0).eval()
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(1, 1, 64, 64, 64, generator=g)
+    y = torch.randint(0, 3, (1, 1, 64, 64, 64), generator=g)
+    atk = volattack.create_attack("bim", m, eps=8 / 255, alpha=1 / 255, steps=1, amp_dtype=dtype)
+    adv = atk(x, y)
+    assert adv.dtype == torch.float32
+    moved = float(((adv - x).abs() > 0).float().mean())
+    assert moved > 0.999
+    if dtype == torch.float16:
+        atk._grad_scale = lambda _x: 1.0  # what an unscaled mean would give
+        unscaled = float(((atk(x, y) - x).abs() > 0).float().mean())
+        assert unscaled < moved

@@ -14,11 +14,7 @@ from volattack.attacks.base import (
 )
 from volattack.attacks import voxel  # noqa: F401  (registers gn, fgsm, bim, pgd, pgd_l2, segpgd, cospgd, apgd)
 
-try:  # frequency-domain attacks (vafa, sa2, fft)
-    from volattack.attacks import frequency  # noqa: F401
-except ImportError as _e:  # pragma: no cover - only while the module is being written
-    if "volattack.attacks.frequency" not in str(_e) and "frequency" not in str(_e):
-        raise
+from volattack.attacks import frequency  # noqa: F401  (registers vafa, sa2, fft)
 
 __all__ = [
     "ATTACKS",
