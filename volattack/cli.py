@@ -113,7 +113,14 @@ def _finish_eval(results: dict, out: Path) -> int:
     from volattack.evaluation.report import markdown_table
 
     sys.stdout.write(markdown_table(results) + "\n\n")
+    for c in results.get("sanity") or []:
+        if c["status"] == "warn":
+            sys.stdout.write(f"WARNING sanity check {c['check']}: {c['detail']}\n")
     sys.stdout.write(f"report: {out / 'report.md'}\n")
+    if results.get("failed"):
+        for f in results["failed"]:
+            sys.stderr.write(f"volattack: case {f['case']} failed: {f['reason']}\n")
+        return EXIT_ERROR
     return EXIT_OK
 
 

@@ -84,6 +84,11 @@ def run_evaluate(cfg: RunConfig, out_dir: Path, *, checkpoint: Optional[str] = N
     model, meta = load_checkpoint(ckpt)
     info = dict(meta.get("model", {}))
     info["checkpoint"] = str(ckpt)
+    surrogate, sur_info = None, None
+    if cfg.evaluate.surrogate_checkpoint:
+        surrogate, sur_meta = load_checkpoint(cfg.evaluate.surrogate_checkpoint)
+        sur_info = dict(sur_meta.get("model", {}))
+        sur_info["checkpoint"] = cfg.evaluate.surrogate_checkpoint
     cases = load_datalist(cfg.data.datalist, key=cfg.evaluate.split, base_dir=cfg.data.base_dir)
     names = _class_names(cfg.data.datalist)
     return evaluate(
@@ -97,6 +102,8 @@ def run_evaluate(cfg: RunConfig, out_dir: Path, *, checkpoint: Optional[str] = N
         class_names=names,
         run_config=replace(cfg, evaluate=replace(cfg.evaluate, checkpoint=str(ckpt))),
         model_info=info,
+        surrogate=surrogate,
+        surrogate_info=sur_info,
         progress=progress,
     )
 

@@ -78,22 +78,62 @@ class AttackSpec:
         return f"{self.name}({inner})"
 
 
+THREAT_MODELS = ("volume", "patch")
+
+
 @dataclass
 class EvalConfig:
-    """What to evaluate: the attacks, the split, sliding-window inference, outputs."""
+    """What to evaluate: the attacks, the split, sliding-window inference, outputs.
+
+    Attributes:
+        checkpoint: the target model (volattack checkpoint; TorchScript or MONAI bundle, see
+            ``volattack.models.external``).
+        surrogate_checkpoint: if set, attacks are crafted on this model and evaluated on the
+            target (transfer); ``None`` attacks the target itself (white box).
+        threat_model: ``"volume"``: the attack runs end to end through the same sliding-window
+            inference that scores it (exact gradient); ``"patch"``: the published protocol, the
+            volume is cut into tiles of ``patch_size`` (overlap ``patch_overlap``), each tile is
+            attacked through the bare model, and the perturbations are stitched (averaged where
+            tiles overlap) before sliding-window scoring.
+        sanity_checks: gradient-masking checks in every report (Dice non-increasing with the
+            budget, unbounded PGD, attacks versus noise, zero-gradient fraction).
+        sanity_unbounded_steps: steps of the unbounded PGD check (0 skips that check).
+        figures: write PNG figures (Dice versus budget, triplanar panels).
+        figure_cases: number of cases that get a triplanar panel.
+    """
 
     checkpoint: Optional[str] = None
+    surrogate_checkpoint: Optional[str] = None
     split: str = "test"
     max_cases: Optional[int] = None
     attacks: list[AttackSpec] = field(default_factory=list)
     fooling_threshold: float = 0.5
+    threat_model: str = "volume"
+    patch_size: Optional[list[int]] = None
+    patch_overlap: float = 0.0
     sw_batch_size: int = 4
     sw_overlap: float = 0.25
     save_adv: bool = False
     save_pred: bool = False
+    sanity_checks: bool = True
+    sanity_unbounded_steps: int = 10
+    figures: bool = True
+    figure_cases: int = 1
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.threat_model not in THREAT_MODELS:
+            raise ValueError(f"threat_model must be one of {THREAT_MODELS}, got {self.threat_model!r}.")
+        if not (0 <= self.patch_overlap < 1):
+            raise ValueError(f"patch_overlap must be in [0, 1), got {self.patch_overlap}.")
+        if self.patch_size is not None and (len(self.patch_size) != 3 or min(self.patch_size) < 1):
+            raise ValueError(f"patch_size must be 3 positive integers, got {self.patch_size}.")
+        if self.sanity_unbounded_steps < 0:
+            raise ValueError(f"sanity_unbounded_steps must be >= 0, got {self.sanity_unbounded_steps}.")
+        if self.figure_cases < 0:
+            raise ValueError(f"figure_cases must be >= 0, got {self.figure_cases}.")
+        if self.sw_batch_size < 1:
+            raise ValueError(f"sw_batch_size must be >= 1, got {self.sw_batch_size}.")
         if not (0 < self.fooling_threshold <= 1):
             raise ValueError(f"fooling_threshold must be in (0, 1], got {self.fooling_threshold}.")
         if not (0 <= self.sw_overlap < 1):

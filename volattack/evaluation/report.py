@@ -112,17 +112,37 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
     """Write ``report.md`` and ``results.csv`` into ``out_dir``; returns the report path."""
     out = Path(out_dir)
     model = results.get("model") or {}
+    tm = results["threat_model"]
+    if tm == "patch":
+        p = results.get("patch") or {}
+        threat = (f"`patch` (published protocol: tiles of {p.get('size')} with overlap {p.get('overlap')}, "
+                  "each attacked through the bare model, stitched, then scored by sliding-window inference)")
+    else:
+        threat = "`volume` (end-to-end attack through the same sliding-window inference that scores it)"
     lines = [
         "# volattack robustness report",
         "",
         f"- model: {model.get('name', '?')} ({model.get('checkpoint', 'in memory')})",
-        f"- cases: {results['summary']['n_cases']}; seed {results['seed']} (case i uses seed + i); "
-        f"threat model: `{results['threat_model']}` (attack through the same sliding-window inference "
-        "that scores it)",
+        f"- cases: {results['summary']['n_cases']}; seed {results['seed']} (case i uses seed + i)",
+        f"- threat model: {threat}",
+    ]
+    if results.get("transfer"):
+        sur = results["transfer"]["surrogate"]
+        lines.append(f"- transfer: attacks crafted on the surrogate {sur.get('name', '?')} "
+                     f"({sur.get('checkpoint', 'in memory')}) and scored on the model above")
+    if results.get("adaptive"):
+        lines.append(f"- adaptive attack: {results['adaptive']}")
+    lines += [
         f"- fooling-rate threshold: {results['fooling_threshold']}",
         f"- volattack {results['volattack']}, torch {results['versions'].get('torch')}, "
         f"monai {results['versions'].get('monai')}",
         "",
+    ]
+    if results.get("failed"):
+        lines += ["## Failed cases", ""]
+        lines += [f"- ⚠ {f['case']} ({f['image']}): {f['reason']}" for f in results["failed"]]
+        lines.append("")
+    lines += [
         "## Robustness",
         "",
         markdown_table(results),
@@ -131,7 +151,17 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
         "",
         per_class_table(results),
         "",
-        DEFINITIONS,
     ]
+    if results.get("sanity") is not None:
+        lines += ["## Sanity checks against gradient masking", ""]
+        for c in results["sanity"]:
+            mark = {"ok": "✓", "warn": "⚠ WARNING", "n/a": "–"}[c["status"]]
+            lines.append(f"- {mark} {c['check']}: {c['detail']}")
+        lines.append("")
+    figs = [results.get("budget_figure")] + [c.get("figure") for c in results["cases"]]
+    figs = [f for f in figs if f]
+    if figs:
+        lines += ["## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figs] + [""]
+    lines.append(DEFINITIONS)
     atomic_write_text(out / "results.csv", csv_text(results))
     return atomic_write_text(out / "report.md", "\n".join(lines))

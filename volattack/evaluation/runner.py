@@ -1,12 +1,23 @@
-"""Evaluation runner: a model x cases x attack suite, with per-case resumable results.
+"""Evaluation runner: a model x cases x attack suite, resumable, shardable across processes.
 
-For each case the runner predicts the clean volume with sliding-window inference, then
-runs every configured attack end to end through the same sliding-window inferer (the
-``volume`` threat model: the attack sees exactly the stitched output it is scored on),
-and scores clean and adversarial predictions with the metrics of ``volattack.metrics``.
-Per-case results are written atomically to ``cases/<case>.json`` as soon as the case is
-done; a rerun with the same configuration skips finished cases, so an interrupted run
-resumes where it stopped. ``results.json`` and ``report.md`` are rebuilt at the end.
+For each case the runner predicts the clean volume with sliding-window inference, runs
+every configured attack under the configured threat model, and scores clean and
+adversarial predictions with ``volattack.metrics``:
+
+- ``volume`` threat model: the attack runs end to end through the same sliding-window
+  inference that scores it (exact gradient; with
+  :class:`volattack.attacks.sliding.WindowedInferer` when available, memory does not grow
+  with the activations of all windows);
+- ``patch`` threat model: the published protocol (tile, attack each tile through the bare
+  model, stitch), see :mod:`volattack.evaluation.patchwise`.
+
+With ``evaluate.surrogate_checkpoint`` the attacks are crafted on the surrogate and scored
+on the target (transfer). Per-case results are written atomically to ``cases/<case>.json``
+as soon as the case is done; a rerun with the same configuration skips finished cases, so
+an interrupted run (even ``kill -9``) resumes where it stopped. Under ``torchrun`` the cases
+are sharded across ranks (case ``i`` on rank ``i % world_size``) and gathered on rank 0,
+which writes ``results.json``, ``results.csv``, ``report.md`` and the figures.
+A case whose files cannot be read is recorded as failed with the reason; the others go on.
 """
 
 from __future__ import annotations
@@ -15,6 +26,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -24,12 +36,10 @@ from torch import nn
 
 from volattack.configs import dump_yaml, to_dict
 from volattack.data.config import PreprocessConfig
-from volattack.evaluation.config import AttackSpec, EvalConfig
+from volattack.evaluation.config import EvalConfig
 from volattack.utils import atomic_write_json, atomic_write_text, versions
 
 logger = logging.getLogger(__name__)
-
-THREAT_MODEL = "volume"
 
 
 def _case_id(entry: dict[str, Any], index: int) -> str:
@@ -41,12 +51,12 @@ def _case_id(entry: dict[str, Any], index: int) -> str:
     return f"{index:04d}_{name}"
 
 
-def _nanmean(values: Sequence[float]) -> float:
-    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+def _nanmean(values: Sequence[Any]) -> float:
+    vals = [float(v) for v in values if isinstance(v, (int, float)) and not math.isnan(float(v))]
     return float(sum(vals) / len(vals)) if vals else float("nan")
 
 
-def _clean_floats(t: torch.Tensor) -> list[float]:
+def _floats(t: torch.Tensor) -> list[float]:
     return [float(v) for v in t.detach().cpu().flatten().tolist()]
 
 
@@ -70,9 +80,7 @@ def load_case(entry: dict[str, Any], transforms: Any) -> tuple[torch.Tensor, tor
     return img, lab, torch.as_tensor(affine).cpu().numpy(), spacing
 
 
-def score(
-    pred: torch.Tensor, label: torch.Tensor, num_classes: int, spacing: Sequence[float]
-) -> dict[str, Any]:
+def score(pred: torch.Tensor, label: torch.Tensor, num_classes: int, spacing: Sequence[float]) -> dict[str, Any]:
     """Foreground Dice per class and its mean, HD95 per class (mm) and its mean, for one case."""
     from volattack.metrics import dice_per_class, hd95, mean_foreground_dice
 
@@ -80,14 +88,164 @@ def score(
     h = hd95(pred, label, num_classes, spacing=spacing)
     return {
         "dice": float(mean_foreground_dice(pred, label, num_classes)[0]),
-        "dice_per_class": _clean_floats(dpc[0]),
-        "hd95_mm": _nanmean(_clean_floats(h[0])),
-        "hd95_mm_per_class": _clean_floats(h[0]),
+        "dice_per_class": _floats(dpc[0]),
+        "hd95_mm": _nanmean(_floats(h[0])),
+        "hd95_mm_per_class": _floats(h[0]),
     }
 
 
 def _config_key(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _dist_info() -> tuple[int, int]:
+    """(rank, world size); initialises a gloo/nccl process group under torchrun if needed."""
+    ws = int(os.environ.get("WORLD_SIZE", "1"))
+    if ws <= 1 or not torch.distributed.is_available():
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend=backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def make_inferer(roi: Sequence[int], sw_batch_size: int, overlap: float) -> Any:
+    """Sliding-window inferer with exact, memory-bounded input gradients when available
+    (``volattack.attacks.sliding.WindowedInferer``), else MONAI's ``SlidingWindowInferer``."""
+    try:
+        from volattack.attacks.sliding import WindowedInferer
+
+        return WindowedInferer(roi_size=list(roi), sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian")
+    except ImportError:  # pragma: no cover
+        from monai.inferers import SlidingWindowInferer
+
+        return SlidingWindowInferer(roi_size=list(roi), sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian")
+
+
+class _Evaluator:
+    """Holds everything one evaluation needs; :meth:`case` scores one datalist entry."""
+
+    def __init__(self, model, surrogate, eval_cfg: EvalConfig, preprocess: PreprocessConfig, num_classes: int,
+                 seed: int, out: Path, device: torch.device) -> None:
+        import volattack
+        from volattack.data.transforms import build_transforms, hu_per_unit
+
+        self.model, self.cfg, self.pre, self.k, self.seed, self.out, self.device = (
+            model, eval_cfg, preprocess, num_classes, seed, out, device)
+        self.inferer = make_inferer(preprocess.roi_size, eval_cfg.sw_batch_size, eval_cfg.sw_overlap)
+        self.unit_scale = hu_per_unit(preprocess)
+        self.bounds = (float(preprocess.b_min), float(preprocess.b_max))
+        self.transforms = build_transforms(preprocess, mode="eval")
+        crafting = surrogate if surrogate is not None else model
+        self.runs: list[tuple[str, str, dict[str, Any]]] = [
+            (label, spec.name, kw) for spec in eval_cfg.attacks for label, kw in spec.expand()
+        ]
+        labels = [r[0] for r in self.runs]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"evaluate.attacks has duplicate entries: {labels}.")
+        patch = eval_cfg.threat_model == "patch"
+        common = dict(bounds=self.bounds, seed=seed, unit_scale=self.unit_scale)
+        self.attacks = {
+            label: volattack.create_attack(name, crafting, inferer=None if patch else self.inferer, **common, **kw)
+            for label, name, kw in self.runs
+        }
+        self.unbounded = None
+        if eval_cfg.sanity_checks and eval_cfg.sanity_unbounded_steps > 0:
+            width = self.bounds[1] - self.bounds[0]
+            self.unbounded = volattack.create_attack(
+                "pgd", crafting, inferer=None if patch else self.inferer, eps=width, alpha=width / 8,
+                steps=eval_cfg.sanity_unbounded_steps, measure_ssim=False, **common)
+        self.patch_size = list(eval_cfg.patch_size or preprocess.roi_size)
+
+    def _attack(self, atk, image, label, seed):
+        if self.cfg.threat_model == "patch":
+            from volattack.evaluation.patchwise import attack_patchwise
+
+            return attack_patchwise(atk, image, label, self.patch_size, self.cfg.patch_overlap,
+                                    tile_batch=self.cfg.sw_batch_size, seed=seed)
+        res = atk.run(image, label, seed=seed)
+        return res.adv, res.info
+
+    def _zero_grad_fraction(self, image, label) -> float:
+        """Fraction of input voxels whose Dice-CE gradient is exactly zero (gradient masking check)."""
+        from volattack.attacks.base import eval_mode
+        from volattack.attacks.objectives import objective_per_sample
+
+        x = image.detach().clone().requires_grad_(True)
+        with eval_mode(self.model):
+            loss = objective_per_sample(self.inferer(x, self.model).float(), label, "dice_ce").sum()
+            (g,) = torch.autograd.grad(loss * x[0].numel(), x)
+        return float((g == 0).float().mean())
+
+    def case(self, entry: dict[str, Any], index: int, cid: str, key: str) -> dict[str, Any]:
+        from volattack.metrics import perturbation_stats, voxel_flip_rate
+
+        t0 = time.perf_counter()
+        image, label, affine, spacing = load_case(entry, self.transforms)
+        image, label = image.to(self.device), label.to(self.device)
+        if not bool(torch.isfinite(image).all()):
+            raise ValueError(f"case {entry.get('image')!r}: image contains NaN or Inf values.")
+        if int(label.max()) >= self.k or int(label.min()) < 0:
+            raise ValueError(
+                f"case {entry.get('label')!r}: labels must be in [0, {self.k - 1}], "
+                f"got values in [{int(label.min())}, {int(label.max())}]."
+            )
+        with torch.no_grad():
+            clean_pred = self.inferer(image, self.model).argmax(1, keepdim=True)
+        seed = self.seed + index
+        record: dict[str, Any] = {
+            "case": cid, "image": str(entry.get("image")), "label": str(entry.get("label")), "key": key,
+            "seed": seed, "shape": list(image.shape[2:]), "spacing_mm": spacing,
+            "clean": score(clean_pred, label, self.k, spacing), "attacks": {}, "sanity": {},
+        }
+        if self.cfg.save_pred:
+            _save_label(clean_pred, affine, self.out / "predictions" / f"{cid}_clean.nii.gz")
+        panel: Optional[tuple] = None
+        for lbl, _name, _kw in self.runs:
+            adv, info = self._attack(self.attacks[lbl], image, label, seed)
+            with torch.no_grad():
+                adv_pred = self.inferer(adv, self.model).argmax(1, keepdim=True)
+            s = score(adv_pred, label, self.k, spacing)
+            p = perturbation_stats(image, adv, data_range=self.bounds, unit_scale=self.unit_scale)
+            s.update({m: float(v[0]) for m, v in p.items()})
+            s["flip_rate"] = float(voxel_flip_rate(clean_pred, adv_pred, label)[0])
+            s["seconds"] = float(info["seconds"])
+            s["steps_run"] = info.get("steps_run")
+            record["attacks"][lbl] = s
+            if index < self.cfg.figure_cases and self.cfg.figures and (panel is None or s["dice"] < panel[0]):
+                panel = (s["dice"], lbl, adv.detach().cpu(), adv_pred.cpu())
+            if self.cfg.save_adv:
+                from volattack.data.io import write_nifti
+                from volattack.data.transforms import to_source_units
+
+                hu = to_source_units(adv[0, 0].float().cpu(), self.pre)
+                write_nifti(hu, self.out / "adversarial" / f"{cid}_{_slug(lbl)}.nii.gz", affine)
+            if self.cfg.save_pred:
+                _save_label(adv_pred, affine, self.out / "predictions" / f"{cid}_{_slug(lbl)}.nii.gz")
+        if self.cfg.sanity_checks:
+            record["sanity"]["zero_grad_fraction"] = self._zero_grad_fraction(image, label)
+            if self.unbounded is not None:
+                adv, _ = self._attack(self.unbounded, image, label, seed)
+                with torch.no_grad():
+                    pred = self.inferer(adv, self.model).argmax(1, keepdim=True)
+                record["sanity"]["unbounded_pgd_dice"] = score(pred, label, self.k, spacing)["dice"]
+        if panel is not None:
+            from volattack.evaluation.figures import triplanar_panel
+
+            try:
+                triplanar_panel(
+                    image.cpu(), panel[2], clean_pred.cpu(), panel[3], label.cpu(),
+                    self.out / "figures" / f"panel_{cid}.png",
+                    title=f"{cid}: {panel[1]} (Dice {record['clean']['dice']:.2f} -> {panel[0]:.2f})",
+                    unit_scale=self.unit_scale,
+                )
+                record["figure"] = f"figures/panel_{cid}.png"
+            except ImportError as e:  # matplotlib missing
+                logger.warning("no figure: %s", e)
+        record["seconds"] = time.perf_counter() - t0
+        return record
 
 
 def evaluate(
@@ -102,6 +260,8 @@ def evaluate(
     class_names: Optional[dict[int, str]] = None,
     run_config: Any = None,
     model_info: Optional[dict[str, Any]] = None,
+    surrogate: Optional[nn.Module] = None,
+    surrogate_info: Optional[dict[str, Any]] = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Evaluate ``model`` clean and under every attack of ``eval_cfg`` on ``cases``.
@@ -110,159 +270,120 @@ def evaluate(
         model: segmenter mapping ``(1, C, H, W, D)`` to logits ``(1, K, H, W, D)``.
         cases: datalist entries ``{"image": path, "label": path}``.
         out_dir: run directory (``config.yaml``, ``results.json``, ``report.md``, ``cases/``).
-        eval_cfg: attacks, sliding-window settings, outputs.
+        eval_cfg: attacks, threat model, sliding-window settings, outputs.
         preprocess: the preprocessing the model was trained with (intensity window -> HU scale).
         num_classes: K, including background.
         seed: base seed; case ``i`` is attacked with seed ``seed + i`` (recorded per case).
         class_names: optional names of classes for the report.
         run_config: the resolved configuration to store as ``config.yaml`` (dataclass or dict).
         model_info: description of the model (checkpoint path, architecture) for the results.
+        surrogate: craft the attacks on this model instead (transfer); scored on ``model``.
+        surrogate_info: description of the surrogate for the results.
         progress: show a progress bar over cases.
 
     Returns:
-        The results dictionary also written to ``results.json``.
+        The results dictionary written to ``results.json`` (on every rank under torchrun).
     """
-    from monai.inferers import SlidingWindowInferer
     from tqdm.auto import tqdm
 
     import volattack
-    from volattack.data.transforms import build_transforms, hu_per_unit
     from volattack.utils import resolve_device
 
+    rank, world = _dist_info()
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cases").mkdir(exist_ok=True)
-    if run_config is not None:
-        atomic_write_text(out / "config.yaml", dump_yaml(run_config))
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "cases").mkdir(exist_ok=True)
+        if run_config is not None:
+            atomic_write_text(out / "config.yaml", dump_yaml(run_config))
     device = resolve_device(eval_cfg.device)
+    if device.type == "cuda" and world > 1:
+        device = torch.device("cuda", rank % torch.cuda.device_count())
     model = model.to(device).eval()
-    roi = list(preprocess.roi_size)
-    inferer = SlidingWindowInferer(
-        roi_size=roi, sw_batch_size=eval_cfg.sw_batch_size, overlap=eval_cfg.sw_overlap, mode="gaussian"
-    )
-    unit_scale = hu_per_unit(preprocess)
-    bounds = (float(preprocess.b_min), float(preprocess.b_max))
-    runs: list[tuple[str, str, dict[str, Any]]] = []
-    for spec in eval_cfg.attacks:
-        for label, kw in spec.expand():
-            runs.append((label, spec.name, kw))
-    labels = [r[0] for r in runs]
-    if len(set(labels)) != len(labels):
-        raise ValueError(f"evaluate.attacks has duplicate entries: {labels}.")
-    # build every attack once up front so that bad parameters fail before any work
-    attacks = {
-        label: volattack.create_attack(
-            name, model, bounds=bounds, seed=seed, inferer=inferer, unit_scale=unit_scale, **kw
-        )
-        for label, name, kw in runs
-    }
-    key = _config_key(
-        {
-            "attacks": [(lbl, n, kw) for lbl, n, kw in runs],
-            "seed": seed,
-            "preprocess": to_dict(preprocess),
-            "model": model_info or {},
-            "sw": [eval_cfg.sw_batch_size, eval_cfg.sw_overlap],
-        }
-    )
-    transforms = build_transforms(preprocess, mode="eval")
+    if surrogate is not None:
+        surrogate = surrogate.to(device).eval()
+    ev = _Evaluator(model, surrogate, eval_cfg, preprocess, num_classes, seed, out, device)
+    key = _config_key({
+        "attacks": [(lbl, n, kw) for lbl, n, kw in ev.runs], "seed": seed, "preprocess": to_dict(preprocess),
+        "model": model_info or {}, "surrogate": surrogate_info or {},
+        "eval": {k: v for k, v in to_dict(eval_cfg).items()
+                 if k in ("threat_model", "patch_size", "patch_overlap", "sw_batch_size", "sw_overlap",
+                          "sanity_checks", "sanity_unbounded_steps")},
+    })
     cases = list(cases)[: eval_cfg.max_cases] if eval_cfg.max_cases else list(cases)
-    per_case: list[dict[str, Any]] = []
+    mine = [(i, c) for i, c in enumerate(cases) if i % world == rank]
+    (out / "cases").mkdir(parents=True, exist_ok=True)
+    per_case: dict[int, dict[str, Any]] = {}
+    failed: dict[int, dict[str, Any]] = {}
     t_start = time.perf_counter()
-    bar = tqdm(list(enumerate(cases)), desc="evaluate", disable=not progress, unit="case")
-    for i, entry in bar:
+    for i, entry in tqdm(mine, desc="evaluate", disable=not progress or rank != 0, unit="case"):
         cid = _case_id(entry, i)
         path = out / "cases" / f"{cid}.json"
         if path.is_file():
             try:
                 done = json.loads(path.read_text())
                 if done.get("key") == key:
-                    per_case.append(done)
-                    logger.info("case %s already done, skipped", cid)
+                    per_case[i] = done
+                    logger.info("case %s already done, reused", cid)
                     continue
             except json.JSONDecodeError:
                 logger.warning("case file %s is unreadable; recomputing", path)
-        per_case.append(
-            _evaluate_case(
-                model, entry, i, cid, key, transforms, inferer, attacks, runs, device, num_classes,
-                seed, unit_scale, bounds, eval_cfg, out, preprocess,
-            )
-        )
-        atomic_write_json(path, per_case[-1])
+        try:
+            per_case[i] = ev.case(entry, i, cid, key)
+        except (ValueError, FileNotFoundError, OSError) as e:
+            logger.error("case %s failed: %s", cid, e)
+            failed[i] = {"case": cid, "image": str(entry.get("image")), "reason": str(e)}
+            continue
+        atomic_write_json(path, per_case[i])
+    seconds = time.perf_counter() - t_start
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered: list[Any] = [None] * world
+        dist.all_gather_object(gathered, (per_case, failed, seconds))
+        per_case, failed = {}, {}
+        seconds = max(g[2] for g in gathered)
+        for pc, fl, _ in gathered:
+            per_case.update(pc)
+            failed.update(fl)
+    records = [per_case[i] for i in sorted(per_case)]
     results = {
         "volattack": volattack.__version__,
         "versions": versions(),
         "seed": seed,
-        "threat_model": THREAT_MODEL,
+        "threat_model": eval_cfg.threat_model,
+        "patch": {"size": ev.patch_size, "overlap": eval_cfg.patch_overlap} if eval_cfg.threat_model == "patch" else None,
+        "transfer": {"surrogate": surrogate_info or {}} if surrogate is not None else None,
         "num_classes": num_classes,
         "class_names": {str(k): v for k, v in (class_names or {}).items()},
         "model": model_info or {},
-        "attacks": [{"label": lbl, "name": n, "params": kw} for lbl, n, kw in runs],
+        "attacks": [{"label": lbl, "name": n, "params": kw} for lbl, n, kw in ev.runs],
         "fooling_threshold": eval_cfg.fooling_threshold,
-        "cases": per_case,
-        "summary": summarize(per_case, labels, eval_cfg.fooling_threshold),
-        "timings": {"evaluate_seconds": time.perf_counter() - t_start},
+        "world_size": world,
+        "cases": records,
+        "failed": [failed[i] for i in sorted(failed)],
+        "summary": summarize(records, [r[0] for r in ev.runs], eval_cfg.fooling_threshold),
+        "timings": {"evaluate_seconds": seconds},
     }
-    atomic_write_json(out / "results.json", results)
-    from volattack.evaluation.report import write_report
+    if eval_cfg.sanity_checks:
+        from volattack.evaluation.sanity import sanity_checks
 
-    write_report(results, out)
+        results["sanity"] = sanity_checks(results, eval_cfg.attacks)
+    if rank == 0:
+        atomic_write_json(out / "results.json", results)
+        from volattack.evaluation.report import write_report
+
+        if eval_cfg.figures and records:
+            from volattack.evaluation.figures import dice_vs_budget
+
+            try:
+                results["budget_figure"] = dice_vs_budget(results, eval_cfg.attacks, out / "figures" / "dice_vs_budget.png")
+            except ImportError as e:  # pragma: no cover
+                logger.warning("no figure: %s", e)
+        write_report(results, out)
+    if world > 1:
+        torch.distributed.barrier()
     return results
-
-
-def _evaluate_case(model, entry, index, cid, key, transforms, inferer, attacks, runs, device, num_classes,
-                   seed, unit_scale, bounds, eval_cfg, out, preprocess):
-    """Clean and adversarial scores of one case (see :func:`evaluate`)."""
-    from volattack.metrics import perturbation_stats, voxel_flip_rate
-
-    t0 = time.perf_counter()
-    image, label, affine, spacing = load_case(entry, transforms)
-    image, label = image.to(device), label.to(device)
-    if not bool(torch.isfinite(image).all()):
-        raise ValueError(f"case {entry.get('image')!r}: image contains NaN or Inf values.")
-    if int(label.max()) >= num_classes or int(label.min()) < 0:
-        raise ValueError(
-            f"case {entry.get('label')!r}: labels must be in [0, {num_classes - 1}], "
-            f"got values in [{int(label.min())}, {int(label.max())}]."
-        )
-    with torch.no_grad():
-        clean_logits = inferer(image, model)
-    clean_pred = clean_logits.argmax(1, keepdim=True)
-    record: dict[str, Any] = {
-        "case": cid,
-        "image": str(entry.get("image")),
-        "label": str(entry.get("label")),
-        "key": key,
-        "seed": seed + index,
-        "shape": list(image.shape[2:]),
-        "spacing_mm": spacing,
-        "clean": score(clean_pred, label, num_classes, spacing),
-        "attacks": {},
-    }
-    if eval_cfg.save_pred:
-        _save_label(clean_pred, affine, out / "predictions" / f"{cid}_clean.nii.gz")
-    for lbl, _name, _kw in runs:
-        atk = attacks[lbl]
-        res = atk.run(image, label, seed=seed + index)
-        with torch.no_grad():
-            adv_pred = inferer(res.adv, model).argmax(1, keepdim=True)
-        s = score(adv_pred, label, num_classes, spacing)
-        p = perturbation_stats(image, res.adv, data_range=bounds, unit_scale=unit_scale)
-        s.update({k: float(v[0]) for k, v in p.items()})
-        s["flip_rate"] = float(voxel_flip_rate(clean_pred, adv_pred, label)[0])
-        s["seconds"] = float(res.info["seconds"])
-        s["steps_run"] = res.info.get("steps_run")
-        record["attacks"][lbl] = s
-        if eval_cfg.save_adv:
-            from volattack.data.io import write_nifti
-            from volattack.data.transforms import to_source_units
-
-            hu = to_source_units(res.adv[0, 0].float().cpu(), preprocess)
-            write_nifti(hu, out / "adversarial" / f"{cid}_{_slug(lbl)}.nii.gz", affine)
-        if eval_cfg.save_pred:
-            _save_label(adv_pred, affine, out / "predictions" / f"{cid}_{_slug(lbl)}.nii.gz")
-    record["seconds"] = time.perf_counter() - t0
-    return record
 
 
 def _slug(label: str) -> str:
@@ -297,6 +418,8 @@ def summarize(per_case: list[dict[str, Any]], labels: Sequence[str], threshold: 
     }
     for lbl in labels:
         rows = [c["attacks"][lbl] for c in per_case]
+        if not rows:
+            continue
         adv = torch.tensor([r["dice"] for r in rows], dtype=torch.float64)
         absd, reld = dice_drop(clean, adv)
         entry = {
@@ -304,11 +427,11 @@ def summarize(per_case: list[dict[str, Any]], labels: Sequence[str], threshold: 
             "adv_dice": _nanmean(adv.tolist()),
             "dice_drop": _nanmean(absd.tolist()),
             "dice_drop_rel": _nanmean(reld.tolist()),
-            "fooling_rate": float(fooling_rate(clean, adv, threshold)) if len(rows) else float("nan"),
+            "fooling_rate": float(fooling_rate(clean, adv, threshold)),
             "dice_per_class": [_nanmean([r["dice_per_class"][j] for r in rows]) for j in range(k)],
         }
         for m in ("hd95_mm", "flip_rate", "linf", "rms", "linf_units", "rms_units", "psnr", "ssim", "seconds"):
-            if rows and m in rows[0]:
+            if m in rows[0]:
                 entry[m] = _nanmean([r[m] for r in rows])
         summary["attacks"][lbl] = entry
     return summary
