@@ -87,7 +87,7 @@ def test_hu_ranges_plausible(full_phantoms):
 def test_organ_means_near_targets_without_texture(seed):
     ph = generate_phantom(seed, texture_hu=0.0)
     hu = ph.params["hu_means"]
-    assert abs(hu["liver"] - 60.0) <= 12.0 and abs(hu["spleen"] - 45.0) <= 12.0  # jitter 2 sd
+    assert abs(hu["liver"] - HU_MEANS["liver"]) <= 12.0 and abs(hu["spleen"] - HU_MEANS["spleen"]) <= 12.0  # jitter 2 sd
     # organ interiors (eroded: no partial volume) hold the sampled mean + white noise
     for cls, key in ((1, "liver"), (2, "spleen")):
         core = ndimage.binary_erosion(ph.label == cls, iterations=2)
@@ -104,11 +104,11 @@ def test_noise_free_image_matches_targets_and_labels():
     ph = generate_phantom(
         5, (40, 40, 32), noise_hu=0.0, texture_hu=0.0, blur_sigma=0.0, hu_jitter=0.0
     )
-    assert np.all(ph.image[ph.label == 1] == np.float32(60.0))
-    assert np.all(ph.image[ph.label == 2] == np.float32(45.0))
+    assert np.all(ph.image[ph.label == 1] == np.float32(HU_MEANS["liver"]))
+    assert np.all(ph.image[ph.label == 2] == np.float32(HU_MEANS["spleen"]))
     kidney_vals = set(np.unique(ph.image[(ph.label == 3) | (ph.label == 4)]).tolist())
-    assert kidney_vals == {30.0, 30.0 + HU_MEANS["medulla_delta"]}
-    assert np.all(ph.image[ph.label == 0] != np.float32(60.0))  # no unlabelled liver paint
+    assert kidney_vals == {HU_MEANS["kidney"], HU_MEANS["kidney"] + HU_MEANS["medulla_delta"]}
+    assert np.all(ph.image[ph.label == 0] != np.float32(HU_MEANS["liver"]))  # no unlabelled liver paint
     assert np.all(ph.image[:2, :2, :] == -1000.0)
 
 
