@@ -1,4 +1,4 @@
-"""Clean (non-adversarial) training of a zoo model on a datalist.
+"""Training of a zoo model on a datalist: clean, or adversarial with ``train.adversary``.
 
 Recipe: AdamW + MONAI ``DiceCELoss(to_onehot_y=True, softmax=True)`` on random
 foreground/background crops (``RandCropByPosNegLabeld``, the nnU-Net / MONAI tutorial
@@ -213,7 +213,7 @@ def validation_dice(
     from monai.metrics import DiceMetric
     from monai.networks.utils import one_hot
 
-    metric = DiceMetric(include_background=False, reduction="mean", ignore_empty=True)
+    metric = DiceMetric(include_background=False, reduction="mean", ignore_empty=True, get_not_nans=True)
     was_training = model.training
     model.eval()
     try:
@@ -225,8 +225,11 @@ def validation_dice(
             )
             pred = one_hot(_as_tensor(logits).argmax(dim=1, keepdim=True), num_classes)
             metric(y_pred=pred, y=one_hot(label, num_classes))
-        value = metric.aggregate()
-        dice = float(value.item()) if torch.is_tensor(value) else float(value)
+        if metric.get_buffer() is not None:
+            value, counted = metric.aggregate()
+            dice = float(value.item()) if float(counted.sum()) > 0 else math.nan
+        else:  # an empty loader
+            dice = math.nan
     finally:
         model.train(was_training)
     return dice
@@ -277,8 +280,9 @@ def train(
     Args:
         model_cfg: registry name, channels (``out_channels`` = classes K) and kwargs.
         train_cfg: epochs, batch size (cases per step; each yields ``num_samples`` crops),
-            lr, weight decay, validation and sliding-window settings, ``init_checkpoint``
-            to fine-tune from.
+            lr and its schedule, weight decay, validation and sliding-window settings,
+            ``init_checkpoint`` to fine-tune from, and ``adversary`` (``name: none`` trains
+            clean; otherwise adversarial training, see ``volattack.defenses.adversarial``).
         data_cfg: the datalist and its split keys, and the preprocessing (spacing in mm,
             HU window, roi size in voxels).
         out_dir: run folder for ``last.pt``, ``best.pt`` and ``train_log.json``.
@@ -360,6 +364,12 @@ def train(
             load_weights_into(model, train_cfg.init_checkpoint, map_location=device)
             logger.info("Fine-tuning from %s.", train_cfg.init_checkpoint)
     _check_roi(model, model_cfg, roi, device)
+    # The adversary (train.adversary; "none" = clean training) is built before any data is
+    # cached, so a bad attack name or budget fails at once.
+    from volattack.defenses.adversarial import adversarial_loss, build_adversary
+
+    adv_cfg = train_cfg.adversary
+    attack = build_adversary(adv_cfg, model, bounds=(float(pre.b_min), float(pre.b_max)), seed=seed)
 
     configs = {"model": asdict(model_cfg), "train": asdict(train_cfg), "data": asdict(data_cfg)}
     out.mkdir(parents=True, exist_ok=True)
@@ -382,7 +392,7 @@ def train(
     if start_epoch >= train_cfg.epochs:
         logger.info("Run in %s already has %d epochs; nothing to train.", out, start_epoch)
         write_log()
-        return _summary(out, best_dice, start_epoch, time.perf_counter() - t_start, seed, val_list)
+        return _summary(out, best_dice, start_epoch, time.perf_counter() - t_start, seed)
 
     # Datasets (deterministic transforms cached when train_cfg.cache).
     train_ds = build_dataset(train_list, build_transforms(pre, mode="train", seed=seed), train_cfg.cache)
@@ -425,7 +435,13 @@ def train(
                 label = _as_tensor(batch["label"]).to(device).long()
                 optimizer.zero_grad(set_to_none=True)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    loss = loss_fn(model(image), label)
+                    if attack is None:
+                        loss = loss_fn(model(image), label)
+                    else:  # examples crafted in eval mode; the attack restores train mode
+                        loss, _terms = adversarial_loss(
+                            model, image, label, attack, adv_cfg, loss_fn,
+                            seed=eseed * 100_003 + it,
+                        )
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
@@ -464,12 +480,13 @@ def train(
         bar.set_postfix(loss=f"{mean_loss:.3f}", dice=f"{best_dice:.3f}" if math.isfinite(best_dice) else "-")
     bar.close()
 
-    if val_ds is None:  # no validation: the final model is the one to use
+    if best_epoch == 0:  # no validation case, or no foreground in any: keep the final model
+        logger.warning("No finite validation Dice; %s is the final model.", best_path)
         save_checkpoint(best_path, model, model_cfg, epoch=train_cfg.epochs, best_dice=None, seed=seed, kind="best")
-    return _summary(out, best_dice, train_cfg.epochs, time.perf_counter() - t_start, seed, val_list)
+    return _summary(out, best_dice, train_cfg.epochs, time.perf_counter() - t_start, seed)
 
 
-def _summary(out: Path, best_dice: float, epochs: int, seconds: float, seed: int, val_list: list) -> dict[str, Any]:
+def _summary(out: Path, best_dice: float, epochs: int, seconds: float, seed: int) -> dict[str, Any]:
     return {
         "best_checkpoint": str(out / BEST),
         "best_dice": float(best_dice) if math.isfinite(best_dice) else math.nan,

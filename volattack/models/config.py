@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from volattack.defenses.config import AdversaryConfig
+
 
 @dataclass
 class ModelConfig:
@@ -44,6 +46,9 @@ class TrainConfig:
         amp: automatic mixed precision (float16 on CUDA, bfloat16 on CPU).
         init_checkpoint: checkpoint to fine-tune from (same architecture), or ``None``.
         device: ``None``/``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda:0"``.
+        adversary: adversarial training (``volattack.defenses.config.AdversaryConfig``):
+            ``name: none`` trains clean; ``pgd``, ``fgsm_rs``, ``vafa`` (+ ``fr_weight`` for VAFT),
+            ``sa2`` or any registered attack with its ``params``.
     """
 
     epochs: int = 50
@@ -59,3 +64,4 @@ class TrainConfig:
     amp: bool = False
     init_checkpoint: Optional[str] = None
     device: Optional[str] = None
+    adversary: AdversaryConfig = field(default_factory=AdversaryConfig)

@@ -1,0 +1,135 @@
+"""Adversarial training: the step, PGD-AT versus clean training, VAFT terms, resume, bad input."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai.losses import DiceCELoss
+
+import volattack
+from volattack.configs import ConfigError, from_dict
+from volattack.data.config import DataConfig, PreprocessConfig
+from volattack.data.phantoms import make_phantom_dataset
+from volattack.defenses.adversarial import adversarial_loss, build_adversary
+from volattack.defenses.config import AdversaryConfig
+from volattack.evaluation.config import RunConfig
+from volattack.models.config import ModelConfig, TrainConfig
+from volattack.training import train
+
+
+def _task(n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 1, 6, 6, 6, generator=g)
+    x = F.interpolate(x, size=(12, 12, 12), mode="trilinear", align_corners=False)
+    lo, hi = x.amin(dim=(2, 3, 4), keepdim=True), x.amax(dim=(2, 3, 4), keepdim=True)
+    x = (x - lo) / (hi - lo)
+    return x, (x > 0.5).long()
+
+
+def _net():
+    return torch.nn.Sequential(
+        torch.nn.Conv3d(1, 8, 3, padding=1), torch.nn.BatchNorm3d(8), torch.nn.ReLU(),
+        torch.nn.Conv3d(8, 2, 3, padding=1),
+    )
+
+
+def test_one_adversarial_step_changes_parameters_and_keeps_the_model_clean():
+    torch.manual_seed(0)
+    model = _net().train()
+    x, y = _task(2, 0)
+    cfg = AdversaryConfig(name="pgd", params={"eps": "8/255", "steps": 2}, share=0.5)
+    atk = build_adversary(cfg, model)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss, terms = adversarial_loss(model, x, y, atk, cfg, DiceCELoss(to_onehot_y=True, softmax=True))
+    # the attack ran in eval mode and restored train mode, and wrote no parameter gradient
+    assert model.training and all(m.training for m in model.modules())
+    assert all(p.grad is None for p in model.parameters())
+    assert set(terms) == {"clean", "adv", "total"} and terms["adv"] > 0
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss.backward()
+    opt.step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, model.parameters()))
+
+
+def test_vaft_terms_and_weights():
+    torch.manual_seed(0)
+    model = _net().train()
+    x, y = _task(2, 1)
+    cfg = AdversaryConfig(name="vafa", params={"steps": 2, "block_size": 4, "q_init": "qmax", "q_min": 5},
+                          fr_weight=1.0)
+    loss, terms = adversarial_loss(model, x, y, build_adversary(cfg, model), cfg,
+                                   DiceCELoss(to_onehot_y=True, softmax=True))
+    assert terms["fr"] > 0
+    assert terms["total"] == pytest.approx(terms["clean"] + terms["adv"] + terms["fr"], rel=1e-5)
+
+
+def test_pgd_at_is_more_robust_than_clean_training():
+    """Same steps, same data, same seed: under PGD the PGD-trained model has a lower loss and a
+    higher Dice than the clean-trained one (direction only)."""
+    from volattack.attacks.objectives import hard_foreground_dice, objective_per_sample
+
+    x, y = _task(8, 0)
+    xt, yt = _task(4, 1)
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    ce, dice = {}, {}
+    for name in ("none", "pgd"):
+        torch.manual_seed(0)
+        model = _net().train()
+        cfg = AdversaryConfig(name=name, params={"eps": "16/255", "steps": 2} if name != "none" else {})
+        atk = build_adversary(cfg, model)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        for step in range(30):
+            opt.zero_grad()
+            loss, _ = adversarial_loss(model, x, y, atk, cfg, loss_fn, seed=step)
+            loss.backward()
+            opt.step()
+        model.eval()
+        adv = volattack.create_attack("pgd", model, eps=16 / 255, steps=5, seed=0)(xt, yt)
+        with torch.no_grad():
+            logits = model(adv)
+            ce[name] = float(objective_per_sample(logits, yt, "ce").mean())
+            dice[name] = float(hard_foreground_dice(logits.argmax(1, keepdim=True), yt, 2).mean())
+    assert ce["pgd"] < 0.8 * ce["none"], ce
+    assert dice["pgd"] > dice["none"], dice
+
+
+def test_fgsm_rs_is_fast_at():
+    model = _net()
+    atk = build_adversary(AdversaryConfig(name="fgsm_rs", params={"eps": "8/255"}), model)
+    assert atk.name == "bim" and atk.steps == 1 and atk.random_start and atk.alpha == pytest.approx(1.25 * 8 / 255)
+
+
+def test_bad_adversary_input_fails_before_training(tmp_path):
+    model = _net()
+    with pytest.raises(ValueError, match="Unknown adversary 'pgdd'. Did you mean 'pgd'"):
+        build_adversary(AdversaryConfig(name="pgdd"), model)
+    with pytest.raises(ValueError, match="eps must be >= 0, got -0.1"):
+        build_adversary(AdversaryConfig(name="pgd", params={"eps": -0.1}), model)
+    with pytest.raises(ConfigError, match=r"adversary.share must be in \[0, 1\], got 1.5"):
+        from_dict(RunConfig, {"train": {"adversary": {"name": "pgd", "share": 1.5}}})
+    with pytest.raises(ConfigError, match=r"Unknown config key 'train.adversary.shares'. Did you mean 'share'"):
+        from_dict(RunConfig, {"train": {"adversary": {"shares": 0.5}}})
+
+
+@pytest.mark.slow
+def test_adversarial_training_resumes_from_the_last_epoch(tmp_path):
+    datalist = make_phantom_dataset(tmp_path / "ph", n=2, size=(24, 24, 16), seed=0, n_val=1, n_test=0)
+    data = DataConfig(datalist=str(datalist),
+                      preprocess=PreprocessConfig(roi_size=[16, 16, 16], num_samples=1, crop_foreground=False))
+    model_cfg = ModelConfig(name="unet", out_channels=5, kwargs={"channels": [4, 8], "strides": [2]})
+    tcfg = TrainConfig(epochs=2, batch_size=2, lr=3e-3, val_interval=1, sw_batch_size=2, cache=False,
+                       adversary=AdversaryConfig(name="pgd", params={"eps": "4/255", "steps": 1}))
+    run = tmp_path / "run"
+    first = train(model_cfg, replace(tcfg, epochs=1), data, run, seed=0, progress=False)
+    assert first["epochs"] == 1
+    second = train(model_cfg, tcfg, data, run, seed=0, resume=True, progress=False)
+    assert second["epochs"] == 2
+    hist = json.loads((run / "train_log.json").read_text())["history"]
+    assert [h["epoch"] for h in hist] == [1, 2]
+    with pytest.raises(ValueError, match="Unknown adversary"):
+        train(model_cfg, replace(tcfg, adversary=AdversaryConfig(name="nope")), data, tmp_path / "r2",
+              seed=0, progress=False)
