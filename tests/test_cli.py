@@ -129,3 +129,15 @@ evaluate:
     src = nib.load(str(tmp_path / "ph" / json.loads(datalist.read_text())["test"][0]["image"]))
     np.testing.assert_allclose(img.header.get_zooms(), src.header.get_zooms(), rtol=1e-5)
     assert img.get_fdata().min() >= -175 - 1e-3 and img.get_fdata().max() <= 250 + 1e-3
+
+
+def test_bundle_is_refused_without_trust_bundle(tmp_path, capsys):
+    bundle = tmp_path / "bundle"
+    (bundle / "configs").mkdir(parents=True)
+    (bundle / "models").mkdir()
+    (bundle / "configs" / "inference.json").write_text('{"network_def": {"_target_": "os.system", "command": "echo hi"}}')
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"evaluate:\n  checkpoint: {bundle}\n")
+    assert main(["evaluate", str(cfg)]) == 1
+    err = capsys.readouterr().err
+    assert "--trust-bundle" in err and "bundle" in err

@@ -24,6 +24,8 @@ def _add_common(p: argparse.ArgumentParser, *, config: bool = True) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.epochs=5 (repeatable)")
     p.add_argument("--out", default=None, help="run directory (default: output_dir of the config)")
+    p.add_argument("--trust-bundle", action="store_true",
+                   help="allow loading a MONAI bundle directory as the model (its config can run code)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
 
 
@@ -49,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from last.pt in the run directory")
 
     p = sub.add_parser("attack", help="run one attack on a dataset with a trained checkpoint")
-    p.add_argument("checkpoint", help="checkpoint (.pt) written by volattack train")
+    p.add_argument("checkpoint", help="model: volattack checkpoint, TorchScript file or MONAI bundle directory")
     p.add_argument("datalist", help="MSD-style datalist JSON")
     p.add_argument("attack", help="attack name (volattack list attacks)")
     p.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
@@ -129,7 +131,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     cfg = load_run_config(args.config, args.overrides)
     out = _out_dir(args, cfg)
-    return _finish_eval(run_evaluate(cfg, out, checkpoint=args.checkpoint, progress=not args.quiet), out)
+    return _finish_eval(run_evaluate(cfg, out, checkpoint=args.checkpoint, trust_bundle=args.trust_bundle,
+                                     progress=not args.quiet), out)
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
@@ -158,7 +161,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     raw["output_dir"] = args.out or f"runs/attack_{args.attack}"
     cfg = from_dict(RunConfig, apply_overrides(raw, args.overrides))
     out = _out_dir(args, cfg)
-    return _finish_eval(run_evaluate(cfg, out, progress=not args.quiet), out)
+    return _finish_eval(run_evaluate(cfg, out, trust_bundle=args.trust_bundle, progress=not args.quiet), out)
 
 
 def cmd_benchmark(args: argparse.Namespace) -> int:
@@ -166,7 +169,7 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
     cfg = load_run_config(args.config, args.overrides)
     out = _out_dir(args, cfg)
-    return _finish_eval(run_benchmark(cfg, out, progress=not args.quiet), out)
+    return _finish_eval(run_benchmark(cfg, out, trust_bundle=args.trust_bundle, progress=not args.quiet), out)
 
 
 def cmd_list(args: argparse.Namespace) -> int:

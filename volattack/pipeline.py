@@ -62,17 +62,23 @@ def run_train(cfg: RunConfig, out_dir: Path, *, resume: bool = False, progress: 
         raise ConfigError("The config has no 'train' section.")
     if not cfg.data.datalist:
         raise ConfigError("data.datalist is empty: give a datalist JSON or a 'phantoms' section.")
+    _validate_adversary(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
     return train(cfg.model, cfg.train, cfg.data, out_dir, seed=cfg.seed, resume=resume, progress=progress)
 
 
 def run_evaluate(cfg: RunConfig, out_dir: Path, *, checkpoint: Optional[str] = None,
-                 progress: bool = True) -> dict[str, Any]:
-    """Evaluate a checkpoint clean and under ``cfg.evaluate.attacks``; writes results.json, report.md."""
+                 trust_bundle: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Evaluate a model clean and under ``cfg.evaluate.attacks``; writes results.json, report.md.
+
+    The model may be a volattack checkpoint, a TorchScript file, or a MONAI bundle directory
+    (``trust_bundle=True`` required: bundle configs can execute code). External models carry no
+    preprocessing, so ``cfg.data.preprocess`` and ``cfg.model.out_channels`` must describe them.
+    """
     from volattack.data.datalist import load_datalist
     from volattack.evaluation.runner import evaluate
-    from volattack.models.checkpoint import load_checkpoint
+    from volattack.models.external import load_any_model
 
     ckpt = checkpoint or cfg.evaluate.checkpoint
     if not ckpt:
@@ -81,14 +87,10 @@ def run_evaluate(cfg: RunConfig, out_dir: Path, *, checkpoint: Optional[str] = N
         logger.warning("evaluate.attacks is empty: only clean Dice is reported")
     # fail on bad attack names/parameters before loading data
     _validate_attacks(cfg)
-    model, meta = load_checkpoint(ckpt)
-    info = dict(meta.get("model", {}))
-    info["checkpoint"] = str(ckpt)
+    model, info = _load_model(ckpt, trust_bundle)
     surrogate, sur_info = None, None
     if cfg.evaluate.surrogate_checkpoint:
-        surrogate, sur_meta = load_checkpoint(cfg.evaluate.surrogate_checkpoint)
-        sur_info = dict(sur_meta.get("model", {}))
-        sur_info["checkpoint"] = cfg.evaluate.surrogate_checkpoint
+        surrogate, sur_info = _load_model(cfg.evaluate.surrogate_checkpoint, trust_bundle)
     cases = load_datalist(cfg.data.datalist, key=cfg.evaluate.split, base_dir=cfg.data.base_dir)
     names = _class_names(cfg.data.datalist)
     return evaluate(
@@ -108,7 +110,8 @@ def run_evaluate(cfg: RunConfig, out_dir: Path, *, checkpoint: Optional[str] = N
     )
 
 
-def run_benchmark(cfg: RunConfig, out_dir: Path, *, progress: bool = True) -> dict[str, Any]:
+def run_benchmark(cfg: RunConfig, out_dir: Path, *, trust_bundle: bool = False,
+                  progress: bool = True) -> dict[str, Any]:
     """The whole pipeline: phantoms (if configured), training (resumed if interrupted, skipped
     if finished), evaluation (finished cases reused). Returns the evaluation results."""
     cfg = ensure_phantoms(cfg)
@@ -117,6 +120,7 @@ def run_benchmark(cfg: RunConfig, out_dir: Path, *, progress: bool = True) -> di
     ckpt = cfg.evaluate.checkpoint
     if cfg.train is not None:
         _validate_attacks(cfg)
+        _validate_adversary(cfg)
         train_dir = out_dir / "train"
         summary_path = train_dir / "train_summary.json"
         if summary_path.is_file() and (train_dir / "best.pt").is_file():
@@ -126,7 +130,18 @@ def run_benchmark(cfg: RunConfig, out_dir: Path, *, progress: bool = True) -> di
             summary = run_train(cfg, train_dir, resume=(train_dir / "last.pt").is_file(), progress=progress)
             atomic_write_json(summary_path, summary)
         ckpt = summary["best_checkpoint"]
-    return run_evaluate(cfg, out_dir, checkpoint=ckpt, progress=progress)
+    return run_evaluate(cfg, out_dir, checkpoint=ckpt, trust_bundle=trust_bundle, progress=progress)
+
+
+def _load_model(spec: str, trust_bundle: bool) -> tuple[Any, dict[str, Any]]:
+    from volattack.models.external import load_any_model
+
+    model, meta = load_any_model(spec, trust_bundle=trust_bundle)
+    info = dict(meta.get("model", {})) if isinstance(meta.get("model"), dict) else {}
+    info.setdefault("name", meta.get("format", "model"))
+    info["format"] = meta.get("format")
+    info["checkpoint"] = str(spec)
+    return model, info
 
 
 def _validate_attacks(cfg: RunConfig) -> None:
@@ -142,6 +157,20 @@ def _validate_attacks(cfg: RunConfig) -> None:
                 volattack.create_attack(spec.name, dummy, **kw)
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"evaluate.attacks: {label}: {e}") from e
+
+
+def _validate_adversary(cfg: RunConfig) -> None:
+    """Unknown adversary names or bad attack parameters fail before any data or training work."""
+    import torch
+
+    from volattack.defenses.adversarial import build_adversary
+
+    if cfg.train is None:
+        return
+    try:
+        build_adversary(cfg.train.adversary, torch.nn.Conv3d(1, 1, 1))
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"train.adversary: {e}") from e
 
 
 def _class_names(datalist: str) -> dict[int, str]:
