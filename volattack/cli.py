@@ -213,6 +213,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
     _setup_logging(getattr(args, "quiet", False))
+    # OpenMP threads that spin while waiting make torch up to tens of times slower when other
+    # processes share the cores; passive waiting costs nothing on an idle machine. Must be set
+    # before torch is imported (the parser above does not import it).
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from volattack.configs import ConfigError
 
     try:

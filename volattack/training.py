@@ -10,6 +10,8 @@ Reproducibility: the model is initialised from ``seed``; every epoch ``e`` draws
 shuffling and any dropout from a seed derived from ``(seed, e)``, inside a forked torch RNG
 so the caller's global random state is untouched. A run resumed from ``last.pt`` therefore
 replays the remaining epochs exactly as an uninterrupted run would (up to float noise).
+Crops depend on ``train.num_workers`` (each DataLoader worker seeds its own transforms), so
+runs are reproducible for a fixed number of workers.
 
 Files written to ``out_dir``: ``last.pt`` (every epoch: model, optimizer, epoch, best
 metric, seed, history), ``best.pt`` (when the validation Dice improves) and
@@ -83,6 +85,10 @@ def _is_number(value: Any) -> bool:
 
 def validate_train_config(train_cfg: TrainConfig, seed: int = 0) -> None:
     """Check a :class:`TrainConfig` (and the seed) before any work is done.
+
+    Args:
+        train_cfg: the training settings (epochs, batch size, lr, schedule, ...).
+        seed: the run seed (integer >= 0).
 
     Raises:
         ValueError: naming the field and the bad value, e.g.

@@ -183,3 +183,19 @@ def test_bad_seed_and_device(tmp_path: Path) -> None:
         validate_train_config(TRAIN, seed=-1)
     with pytest.raises(ValueError, match=r"train\.device must be .* got 'gpu0'"):
         train(MODEL, replace(TRAIN, device="gpu0"), DataConfig(datalist="x.json"), tmp_path, progress=False)
+
+
+def test_without_validation_split_best_is_final_model(data: DataConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    listing = json.loads(Path(data.datalist).read_text())
+    del listing["validation"]
+    path = Path(data.datalist).parent / "noval.json"
+    path.write_text(json.dumps(listing))
+    cfg = replace(TRAIN, epochs=1, lr_schedule="poly")
+    with caplog.at_level("WARNING", logger="volattack.training"):
+        result = train(MODEL, cfg, replace(data, datalist=str(path)), tmp_path / "run", progress=False)
+    assert "No validation cases" in caplog.text
+    assert math.isnan(result["best_dice"])
+    best, last = _state(tmp_path / "run" / "best.pt"), _state(tmp_path / "run" / "last.pt")
+    assert all(torch.equal(best[k], last[k]) for k in last)
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert log["best_dice"] is None and log["history"][0]["val_dice"] is None
