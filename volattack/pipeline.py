@@ -123,11 +123,18 @@ def run_benchmark(cfg: RunConfig, out_dir: Path, *, trust_bundle: bool = False,
         _validate_adversary(cfg)
         train_dir = out_dir / "train"
         summary_path = train_dir / "train_summary.json"
+        wanted = to_dict({"seed": cfg.seed, "data": cfg.data, "model": cfg.model, "train": cfg.train})
         if summary_path.is_file() and (train_dir / "best.pt").is_file():
-            logger.info("training in %s already finished, reused", train_dir)
             summary = json.loads(summary_path.read_text())
+            if summary.get("config") not in (None, wanted):
+                raise ConfigError(
+                    f"{train_dir} holds a finished training run with another seed/data/model/train "
+                    "config; choose another output_dir (or --out) or delete that folder to retrain."
+                )
+            logger.info("training in %s already finished, reused", train_dir)
         else:
             summary = run_train(cfg, train_dir, resume=(train_dir / "last.pt").is_file(), progress=progress)
+            summary["config"] = wanted
             atomic_write_json(summary_path, summary)
         ckpt = summary["best_checkpoint"]
     return run_evaluate(cfg, out_dir, checkpoint=ckpt, trust_bundle=trust_bundle, progress=progress)
