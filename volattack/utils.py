@@ -11,17 +11,22 @@ from pathlib import Path
 from typing import Any
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
-    """Write ``text`` to ``path`` atomically: a temp file in the same folder, fsync, ``os.replace``.
+def atomic_write_bytes(data: bytes, path: str | os.PathLike, suffix: str = ".tmp") -> Path:
+    """Write ``data`` to ``path`` atomically: a temp file in the same folder, fsync, ``os.replace``.
 
     A failure leaves any earlier file intact and no temp file behind.
+
+    Args:
+        data: the bytes to write.
+        path: destination; its parent folders are created.
+        suffix: suffix of the temporary file (e.g. ``".nii.gz"`` so tools recognise it).
     """
-    p = Path(path)
+    p = Path(path).expanduser()
     p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=suffix, dir=p.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, p)
@@ -32,6 +37,11 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
             pass
         raise
     return p
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Atomic UTF-8 text write (see :func:`atomic_write_bytes`)."""
+    return atomic_write_bytes(text.encode("utf-8"), path)
 
 
 def _json_safe(obj: Any) -> Any:

@@ -156,32 +156,10 @@ def _as_numpy(x: Any) -> np.ndarray:
 
 
 def atomic_write_bytes(data: bytes, path: PathLike, suffix: str = ".tmp") -> Path:
-    """Write ``data`` to ``path`` atomically (temp file in the same folder, then ``os.replace``).
+    """Write ``data`` to ``path`` atomically (see :func:`volattack.utils.atomic_write_bytes`)."""
+    from volattack.utils import atomic_write_bytes as _write
 
-    Args:
-        data: the bytes to write.
-        path: destination; its parent folders are created.
-        suffix: suffix of the temporary file (e.g. ``".nii.gz"`` so tools recognise it).
-
-    Returns:
-        The destination path.
-    """
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    return _write(data, path, suffix=suffix)
 
 
 def write_nifti(
