@@ -134,7 +134,7 @@ def main() -> None:
     ap.add_argument("--cuda", action="store_true", help="measure torch.cuda.max_memory_allocated on a GPU")
     ap.add_argument("--write", action="store_true")
     ap.add_argument("--raw", help="also write the raw measurements (JSON) to this file")
-    ap.add_argument("--reuse-memory", help="take the memory figures from a --raw file of an earlier run")
+    ap.add_argument("--reuse", help="take the figures found in a --raw file of an earlier run; measure the rest")
     ap.add_argument("--child", choices=["memory", "time"], help=argparse.SUPPRESS)
     ap.add_argument("--inferer", choices=["plain", "windowed"], help=argparse.SUPPRESS)
     ap.add_argument("--size", type=int, nargs=3, help=argparse.SUPPRESS)
@@ -155,9 +155,8 @@ def main() -> None:
         "mmap threshold 1 MiB": {"MALLOC_MMAP_THRESHOLD_": str(2**20)},
     }
     mem: dict[tuple[str, str, str], int] = {}
-    if args.reuse_memory:
-        raw = json.loads(Path(args.reuse_memory).read_text())["memory"]
-        mem = {tuple(k.split(" / ")): v for k, v in raw.items()}  # type: ignore[misc]
+    reused = json.loads(Path(args.reuse).read_text()) if args.reuse else {}
+    mem = {tuple(k.split(" / ")): v for k, v in reused.get("memory", {}).items()}  # type: ignore[misc]
     for alloc, env in allocators.items():
         for name in names:
             for key, size in sizes.items():
@@ -170,8 +169,11 @@ def main() -> None:
     def slope(n: str, alloc: str, a: str, b: str) -> float:
         return (mem[n, alloc, b] - mem[n, alloc, a]) / (voxels[b] - voxels[a])
 
-    timing = {key: run_child("--child", "time", "--size", *map(str, sizes[key]), "--reps", str(args.reps), *common)
-              for key in ("small", "big")}
+    timing = reused.get("time") or {
+        key: run_child("--child", "time", "--size", *map(str, sizes[key]), "--reps", str(args.reps), *common)
+        for key in ("small", "big")
+    }
+    reps = len(timing["small"]["plain"]["wall"])
     raw_text = json.dumps({"memory": {" / ".join(k): v for k, v in mem.items()}, "time": timing})
     print(raw_text)
     if args.raw:
@@ -233,23 +235,30 @@ def main() -> None:
         "tensors. The small volume's peak is set by one window's activations, which the big volume's "
         "tensors partly reuse; the big -> large slope is the one for whole-volume sizes.",
         "",
-        f"Time of the same computation, {args.reps} interleaved repetitions after a warm-up: wall-clock "
-        "minimum (the least disturbed run: other jobs shared the machine) and median process CPU time "
-        "(all threads):",
+        f"Time of the same computation, {reps} interleaved repetitions after a warm-up, in one process per "
+        "volume: wall-clock minimum and median, and median process CPU time (all threads). Other jobs "
+        "shared the 2 cores during the runs and slow single repetitions by up to 5x (busy-waiting "
+        "OpenMP threads inflate CPU time too), so the minimum is the least disturbed run:",
         "",
-        "| volume | plain wall min (s) | windowed wall min (s) | ratio | plain CPU (s) | windowed CPU (s) | ratio |",
-        "|---|---|---|---|---|---|---|",
+        "| volume | plain wall min / median (s) | windowed wall min / median (s) | ratio of minima | "
+        "ratio of medians | plain CPU (s) | windowed CPU (s) | CPU ratio |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    med = statistics.median
     for key in ("small", "big"):
-        tp, tw = min(timing[key]["plain"]["wall"]), min(timing[key]["windowed"]["wall"])
-        cp, cw = (statistics.median(timing[key][n]["cpu"]) for n in ("plain", "windowed"))
+        p, w = timing[key]["plain"], timing[key]["windowed"]
         lines.append(
-            f"| {_fmt(sizes[key])} | {tp:.2f} | {tw:.2f} | {tw / tp:.2f} | {cp:.2f} | {cw:.2f} | {cw / cp:.2f} |"
+            f"| {_fmt(sizes[key])} | {min(p['wall']):.2f} / {med(p['wall']):.2f} | "
+            f"{min(w['wall']):.2f} / {med(w['wall']):.2f} | {min(w['wall']) / min(p['wall']):.2f} | "
+            f"{med(w['wall']) / med(p['wall']):.2f} | {med(p['cpu']):.2f} | {med(w['cpu']):.2f} | "
+            f"{med(w['cpu']) / med(p['cpu']):.2f} |"
         )
     lines += [
         "",
         "The windowed backward re-runs each window's forward with autograd (one extra forward per window, "
-        "as in gradient checkpointing), so it costs about one forward pass more than plain autograd.",
+        "as in gradient checkpointing); on a single window (64^3) that is the whole difference. On the big "
+        "volume plain autograd also writes and re-reads every window's activations (GBs), while the "
+        "windowed pass reuses one window's buffers.",
     ]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -71,6 +71,18 @@ def test_forward_is_bitwise_monai_and_plain_without_grad():
         assert not WindowedInferer(ROI, 3)(x.clone().requires_grad_(True), net).requires_grad
 
 
+def test_one_inferer_on_several_shapes():
+    net = _net()
+    inf = WindowedInferer(ROI, 2, 0.5, "gaussian")
+    for shape in [(1, 1, 12, 12, 12), (2, 1, 9, 17, 8), (1, 1, 12, 12, 12)]:
+        x = _rand(shape)
+        ref = sliding_window_inference(x, ROI, 2, net, 0.5, "gaussian")
+        torch.testing.assert_close(inf(x, net), ref, rtol=0, atol=1e-6)
+    inf.overlap = 0.0  # changed settings are picked up
+    torch.testing.assert_close(inf(x, net), sliding_window_inference(x, ROI, 2, net, 0.0, "gaussian"),
+                               rtol=0, atol=1e-6)
+
+
 def test_metatensor_input_keeps_the_graph():
     from monai.data import MetaTensor
 
@@ -268,3 +280,15 @@ def test_bad_call_arguments():
         WindowedInferer(8, sw_batch_size=1)(x, lambda w: net(w)[..., ::2, ::2, ::2])
     with pytest.raises(ValueError, match="network must return a tensor .* got dict"):
         WindowedInferer(8)(x, lambda w: {"out": net(w)})
+
+
+def test_attack_swaps_monai_inferer_for_the_windowed_one():
+    """create_attack(..., inferer=SlidingWindowInferer(...)) gets the memory-bounded gradient."""
+    import volattack
+    from monai.inferers import SlidingWindowInferer
+
+    from volattack.attacks.sliding import WindowedInferer
+
+    model = torch.nn.Conv3d(1, 2, 3, padding=1)
+    atk = volattack.create_attack("pgd", model, inferer=SlidingWindowInferer(roi_size=(8, 8, 8), overlap=0.25))
+    assert isinstance(atk.inferer, WindowedInferer)

@@ -185,6 +185,16 @@ class Attack:
         self.targeted = targeted
         self.target_labels = target_labels
         self.mask = mask
+        if inferer is not None and type(inferer).__name__ == "SlidingWindowInferer":
+            # MONAI's inferer keeps every window's activations for the backward pass; the
+            # equivalent WindowedInferer gives the same output and exact input gradient window
+            # by window, so memory does not grow with the number of windows.
+            from volattack.attacks.sliding import WindowedInferer
+
+            try:
+                inferer = WindowedInferer.from_monai(inferer)
+            except ValueError as e:
+                logger.warning("keeping MONAI's full-graph sliding-window inferer: %s", e)
         self.inferer = inferer
         self.spatial_dims = spatial_dims
         self.unit_scale = unit_scale
