@@ -112,6 +112,26 @@ def _check_number(name: str, value: Any, *, low: float | None = None, high: floa
         raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}.")
 
 
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
+    """Raise ``ValueError`` naming ``name`` (with a suggestion) unless ``value`` is one of ``choices``."""
+    if not isinstance(value, str) or value not in choices:
+        from volattack.registry import suggest
+
+        raise ValueError(
+            f"{name} must be one of {', '.join(choices)}, got {value!r}.{suggest(str(value), choices)}"
+        )
+    return value
+
+
+def _check_block_size(block_size: Any) -> Optional[int]:
+    """``None`` or a positive integer block side, else ``ValueError`` naming ``block_size``."""
+    if block_size is None:
+        return None
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be None or a positive integer, got {block_size!r}.")
+    return block_size
+
+
 class Attack:
     """Base class of all attacks (see the module docstring for the contract).
 

@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from volattack.attacks.base import Attack, _check_number, register_attack
+from volattack.attacks.base import Attack, _check_number, register_attack, _check_choice
 from volattack.attacks.objectives import check_objective, objective_per_sample
 from volattack.attacks.spectral import (
     _check_band,
@@ -44,15 +44,6 @@ from volattack.attacks.voxel import _l2_norm, _per_sample_view
 
 logger = logging.getLogger(__name__)
 
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        from volattack.registry import suggest
-
-        raise ValueError(
-            f"{name} must be one of {', '.join(choices)}, got {value!r}.{suggest(str(value), choices)}"
-        )
-    return value
 
 
 def _check_bool(name: str, value: Any) -> bool:

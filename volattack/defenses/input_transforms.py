@@ -42,7 +42,7 @@ from typing import Any, ClassVar, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from volattack.attacks.base import _check_number
+from volattack.attacks.base import _check_number, _check_block_size
 from volattack.attacks.spectral import block_merge, block_split, dct3, idct3, soft_round
 
 logger = logging.getLogger(__name__)
@@ -63,13 +63,6 @@ def _check_bpda(bpda: Any) -> str:
         )
     return bpda
 
-
-def _check_block_size(block_size: Any) -> Optional[int]:
-    if block_size is None:
-        return None
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be None or a positive integer, got {block_size!r}.")
-    return block_size
 
 
 def _check_images(x: Any, spatial_dims: Optional[int] = 3) -> torch.Tensor:

@@ -30,7 +30,7 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from volattack.attacks.base import _check_number
+from volattack.attacks.base import _check_number, _check_choice, _check_block_size
 from volattack.attacks.spectral import block_split, dct3
 
 logger = logging.getLogger(__name__)
@@ -43,22 +43,6 @@ L1_MODES: tuple[str, ...] = ("sum", "mean")
 SEG_LOSSES: tuple[str, ...] = ("dice", "dice_ce")
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value not in choices:
-        from volattack.registry import suggest
-
-        raise ValueError(
-            f"{name} must be one of {', '.join(choices)}, got {value!r}.{suggest(str(value), choices)}"
-        )
-    return value
-
-
-def _check_block_size(block_size: Any) -> Optional[int]:
-    if block_size is None:
-        return None
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be None or a positive integer, got {block_size!r}.")
-    return block_size
 
 
 def logits_dct(logits: torch.Tensor, block_size: Optional[int] = None) -> torch.Tensor:
