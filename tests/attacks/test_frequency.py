@@ -399,3 +399,26 @@ def test_batch_equals_each_sample_alone_on_saturated_volumes(name, kw):
     alone = torch.cat([atk(x[:1], y[:1]), atk(x[1:], y[1:])])
     torch.testing.assert_close(alone, both, rtol=0, atol=1e-6)
     assert float(both.min()) >= 0.0 and float(both.max()) <= 1.0
+
+
+@pytest.mark.parametrize("block,win", [(8, 3), (4, 3), (2, 3), (8, 5)])
+def test_cached_patch_ssim_matches_monai_value_and_gradient(block, win):
+    """The attacks' cached PatchSSIM equals patch_ssim (MONAI compute_ssim_and_cs) in value and gradient."""
+    from volattack.attacks.frequency import PatchSSIM, patch_ssim
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.rand(2, 1, 16, 16, 8, generator=g)
+    y0 = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
+    ref = block_split(x, block)
+    y1 = y0.clone().requires_grad_(True)
+    y2 = y0.clone().requires_grad_(True)
+    a = patch_ssim(ref, block_split(y1, block), win_size=win)
+    b = PatchSSIM(ref, win_size=win)(block_split(y2, block))
+    assert a.shape == b.shape == (2,)
+    assert torch.allclose(a, b, atol=1e-6)
+    assert bool((a < 1).all())  # the distortion is visible to both
+    (ga,) = torch.autograd.grad(a.sum(), y1)
+    (gb,) = torch.autograd.grad(b.sum(), y2)
+    assert ga.abs().max() > 0
+    assert torch.allclose(ga, gb, atol=1e-6, rtol=1e-4)
+    assert torch.allclose(PatchSSIM(ref, win_size=win)(ref), torch.ones(2), atol=1e-6)

@@ -94,6 +94,75 @@ def patch_ssim(
     return s.reshape(bsz, -1).mean(dim=1)
 
 
+def _gaussian_taps(win_size: int, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """Normalised sampled 1D gaussian ``exp(-d^2 / (2 sigma^2))``, ``d`` centred (MONAI's SSIM window).
+
+    Shape:
+        ``(win_size,)``.
+    """
+    d = torch.arange(win_size, dtype=torch.float64) - (win_size - 1) / 2.0
+    w = torch.exp(-(d**2) / (2.0 * sigma**2))
+    return (w / w.sum()).to(device=device, dtype=dtype)
+
+
+def _valid_filter3(t: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
+    """Separable "valid" filtering of the last three axes by ``taps`` (a loop over the few taps
+    and three axes only, never over voxels or blocks).
+
+    Shape:
+        ``(..., b1, b2, b3)`` -> ``(..., b1 - w + 1, b2 - w + 1, b3 - w + 1)`` with ``w = len(taps)``.
+    """
+    w = taps.numel()
+    for dim in (-3, -2, -1):
+        n = t.shape[dim] - w + 1
+        acc = t.narrow(dim, 0, n) * taps[0]
+        for i in range(1, w):
+            acc = acc + t.narrow(dim, i, n) * taps[i]
+        t = acc
+    return t
+
+
+class PatchSSIM:
+    """:func:`patch_ssim` against a fixed reference, with the reference's local statistics cached.
+
+    The attacks compare every candidate with the same clean blocks, so ``mu_x`` and ``sigma_x^2``
+    are computed once; each call filters only ``y``, ``y^2`` and ``x * y``, with the separable
+    gaussian window applied as three 1D passes on the blocks. Same value and gradient as
+    :func:`patch_ssim` (MONAI ``compute_ssim_and_cs``) to float precision (tested); it exists
+    because it makes the per-step SSIM about 40% cheaper (benchmarks/bench_overhead.py).
+
+    Args:
+        ref_blocks: reference blocks ``(B, C, nH, nW, nD, b, b, b)`` (constant, no gradient needed).
+        win_size: SSIM window side (VAFA: 3), clipped to the block side.
+        data_range: intensity range (1 for bounds-normalised images).
+        sigma: gaussian window sigma (1.5, Wang et al. 2004).
+
+    Shape:
+        ``__call__``: blocks ``(B, C, nH, nW, nD, b, b, b)`` -> ``(B,)``.
+    """
+
+    def __init__(self, ref_blocks: torch.Tensor, *, win_size: int = 3, data_range: float = 1.0,
+                 sigma: float = 1.5) -> None:
+        ref = ref_blocks.detach().float()
+        w = max(1, min(win_size, *ref.shape[-3:]))
+        self.taps = _gaussian_taps(w, sigma, ref.device, ref.dtype)
+        self.ref = ref
+        self.mu_x = _valid_filter3(ref, self.taps)
+        self.var_x = _valid_filter3(ref * ref, self.taps) - self.mu_x * self.mu_x
+        self.c1 = (0.01 * float(data_range)) ** 2
+        self.c2 = (0.03 * float(data_range)) ** 2
+
+    def __call__(self, y_blocks: torch.Tensor) -> torch.Tensor:
+        y = y_blocks.float()
+        st = _valid_filter3(torch.stack([y, y * y, y * self.ref]), self.taps)
+        mu_y = st[0]
+        var_y = st[1] - mu_y * mu_y
+        cov = st[2] - self.mu_x * mu_y
+        lum = (2 * self.mu_x * mu_y + self.c1) / (self.mu_x * self.mu_x + mu_y * mu_y + self.c1)
+        s = lum * (2 * cov + self.c2) / (self.var_x + var_y + self.c2)
+        return s.flatten(1).mean(dim=1)
+
+
 class SpectralAttack(Attack):
     """Shared plumbing of the frequency-domain attacks (not registered).
 
@@ -310,7 +379,7 @@ class VAFA(SpectralAttack):
         if self.center_128:
             blocks = blocks - 128.0
         coeffs = dct3(block_split(blocks, b))
-        ref_blocks = block_split(x01, b)
+        ssim = PatchSSIM(block_split(x01, b))
         init = 1.0 if self.q_init == "one" else self.q_max
         q = torch.full_like(coeffs, init).clamp(self.q_min, self.q_max)
 
@@ -318,7 +387,7 @@ class VAFA(SpectralAttack):
             return self._from_unit(self._reconstruct(coeffs, p, x.shape, t), x, mask, straight_through=True)
 
         def score(adv: torch.Tensor, logits: torch.Tensor, t: int) -> torch.Tensor:
-            l_ssim = 1.0 - patch_ssim(ref_blocks, block_split(self._to_unit(adv), b))
+            l_ssim = 1.0 - ssim(block_split(self._to_unit(adv), b))
             return self._gain(logits, y, target, t + 1) - self.ssim_weight * l_ssim
 
         def update(p: torch.Tensor, g: torch.Tensor, t: int) -> torch.Tensor:
@@ -425,6 +494,7 @@ class SA2(SpectralAttack):
         x01 = self._to_unit(x)
         ref_blocks = block_split(x01, b)
         coeffs = dct3(ref_blocks - off)
+        ssim = PatchSSIM(ref_blocks)
         band = band_mask(b, self.band, exclude_dc=True, device=x.device)
         lo, hi = 1.0 - self.rho, 1.0 + self.rho
         xi = 1.0 + self.rho * self.sample_noise(coeffs, seed, "uniform")
@@ -434,7 +504,7 @@ class SA2(SpectralAttack):
             return self._from_unit(block_merge(idct3(coeffs * p) + off, x.shape), x, mask, straight_through)
 
         def score(adv: torch.Tensor, logits: torch.Tensor, t: int) -> torch.Tensor:
-            l_ssim = 1.0 - patch_ssim(ref_blocks, block_split(self._to_unit(adv), b))
+            l_ssim = 1.0 - ssim(block_split(self._to_unit(adv), b))
             return self.l_dc * self._gain(logits, y, target, t + 1) - self.l_ssim * l_ssim
 
         def update(p: torch.Tensor, g: torch.Tensor, t: int) -> torch.Tensor:
@@ -665,4 +735,4 @@ class FFTAttack(SpectralAttack):
         return adv, {"steps_run": self.steps, "mode": self.mode, "norm": self.norm}
 
 
-__all__ = ["FFTAttack", "SA2", "SpectralAttack", "VAFA", "patch_ssim", "slice_minmax"]
+__all__ = ["FFTAttack", "PatchSSIM", "SA2", "SpectralAttack", "VAFA", "patch_ssim", "slice_minmax"]
