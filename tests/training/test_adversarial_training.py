@@ -133,3 +133,36 @@ def test_adversarial_training_resumes_from_the_last_epoch(tmp_path):
     with pytest.raises(ValueError, match="Unknown adversary"):
         train(model_cfg, replace(tcfg, adversary=AdversaryConfig(name="nope")), data, tmp_path / "r2",
               seed=0, progress=False)
+
+
+@pytest.mark.parametrize("kwargs,expected", [
+    ({"name": "pgd"}, 0.0),                                   # Madry PGD-AT: adversarial examples only
+    ({"name": "fgsm_rs"}, 0.0),                               # Wong fast AT
+    ({"name": "vafa", "fr_weight": 1.0}, 1.0),                # VAFT keeps L_dice(M(X), Y)
+    ({"name": "pgd", "share": 0.5}, 1.0),                     # the unattacked half must count
+    ({"name": "pgd", "clean_weight": 0.25}, 0.25),            # explicit value kept
+])
+def test_clean_weight_default_follows_the_published_recipe(kwargs, expected):
+    assert AdversaryConfig(**kwargs).clean_weight == expected
+    raw = {"train": {"adversary": kwargs}}
+    assert from_dict(RunConfig, raw).train.adversary.clean_weight == expected
+
+
+@pytest.mark.parametrize("clean_weight,train_forwards", [(0.0, 1), (1.0, 2)])
+def test_adversarial_only_recipe_skips_the_clean_forward(clean_weight, train_forwards):
+    """PGD-AT with clean_weight 0: one training forward per batch (on X'), so an epoch costs
+    steps + 1 passes; with the clean term two."""
+    torch.manual_seed(0)
+    model = _net().train()
+    x, y = _task(2, 0)
+    calls = []
+    model.register_forward_hook(lambda m, i, o: calls.append(m.training))
+    cfg = AdversaryConfig(name="pgd", params={"eps": "8/255", "steps": 3}, clean_weight=clean_weight)
+    loss, terms = adversarial_loss(model, x, y, build_adversary(cfg, model), cfg,
+                                   DiceCELoss(to_onehot_y=True, softmax=True))
+    assert calls.count(True) == train_forwards        # forwards in train mode
+    assert calls.count(False) == 3                      # the attack's steps, in eval mode
+    assert ("clean" in terms) == (clean_weight > 0)
+    assert terms["total"] == pytest.approx(clean_weight * terms.get("clean", 0.0) + terms["adv"], rel=1e-6)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())

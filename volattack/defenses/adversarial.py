@@ -5,11 +5,13 @@ Per batch: the attack crafts adversarial copies of the first ``round(share * B)`
 model in eval mode (the attack contract restores the training mode and writes no parameter
 gradient), then the loss is
 
-    clean_weight * L_seg(M(X), Y) + adv_weight * L_seg(M(X'), Y') + fr_weight * L_fr(M(X'), M(X'))
+    clean_weight * L_seg(M(X), Y) + adv_weight * L_seg(M(X'), Y') + fr_weight * L_fr(M(X), M(X'))
 
 with L_seg MONAI's Dice-CE and L_fr VAFT's frequency-consistency loss
 (:func:`volattack.defenses.vaft.frequency_consistency_loss`) between the clean and adversarial
-logits of the attacked samples.
+logits of the attacked samples. When both ``clean_weight`` and ``fr_weight`` are 0 (PGD-AT and
+fast AT by default) the clean forward pass is skipped, so an epoch costs the attack's steps plus
+one training pass.
 """
 
 from __future__ import annotations
@@ -79,13 +81,18 @@ def adversarial_loss(
     Returns:
         the loss (differentiable w.r.t. the parameters) and its terms as floats.
     """
-    logits = model(images)
-    clean = seg_loss(logits, labels)
-    if attack is None:
-        return clean, {"clean": float(clean.detach())}
-    n = int(round(cfg.share * images.shape[0]))
-    terms = {"clean": float(clean.detach())}
-    total = cfg.clean_weight * clean
+    need_clean = attack is None or cfg.clean_weight > 0 or cfg.fr_weight > 0
+    n = int(round(cfg.share * images.shape[0])) if attack is not None else 0
+    terms: dict[str, float] = {}
+    total = images.new_zeros(())
+    logits = None
+    if need_clean or n == 0:
+        logits = model(images)
+        clean = seg_loss(logits, labels)
+        terms["clean"] = float(clean.detach())
+        if attack is None:
+            return clean, terms
+        total = cfg.clean_weight * clean
     if n == 0:
         return total, terms
     x_adv = attack.run(images[:n].detach(), labels[:n], seed=seed).adv
@@ -93,7 +100,7 @@ def adversarial_loss(
     adv = seg_loss(logits_adv, labels[:n])
     terms["adv"] = float(adv.detach())
     total = total + cfg.adv_weight * adv
-    if cfg.fr_weight > 0:
+    if cfg.fr_weight > 0 and logits is not None:
         from volattack.defenses.vaft import frequency_consistency_loss
 
         fr = frequency_consistency_loss(logits[:n], logits_adv, normalized=cfg.fr_normalized,

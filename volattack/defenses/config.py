@@ -17,7 +17,12 @@ class AdversaryConfig:
         params: keyword arguments of the attack (``eps``, ``steps``, ``q_max`` ...; fractions like
             ``"4/255"`` are accepted).
         share: fraction of each batch (first samples) that also gets an adversarial copy, in [0, 1].
-        clean_weight: weight of the segmentation loss on the clean batch.
+        clean_weight: weight of the segmentation loss on the clean batch. ``None`` (default) follows
+            the published recipes: 0 when ``fr_weight`` is 0 and ``share`` is 1 (PGD-AT, Madry et al.
+            2018, and fast AT, Wong et al. 2020, train on the adversarial examples only, so an epoch
+            costs ``steps + 1`` passes), otherwise 1 (VAFT keeps ``L_dice(M(X), Y)``; with a partial
+            share the clean term is what makes the unattacked samples count). Resolved to a number
+            when the config is built, so saved configs show the value used.
         adv_weight: weight of the segmentation loss on the adversarial samples.
         fr_weight: weight of VAFT's frequency-consistency loss between clean and adversarial logits
             (0 turns it off; 1 with ``name: vafa`` is VAFT).
@@ -29,7 +34,7 @@ class AdversaryConfig:
     name: str = "none"
     params: dict[str, Any] = field(default_factory=dict)
     share: float = 1.0
-    clean_weight: float = 1.0
+    clean_weight: Optional[float] = None
     adv_weight: float = 1.0
     fr_weight: float = 0.0
     fr_normalized: bool = True
@@ -38,6 +43,8 @@ class AdversaryConfig:
     def __post_init__(self) -> None:
         if not (0.0 <= self.share <= 1.0):
             raise ValueError(f"adversary.share must be in [0, 1], got {self.share}.")
+        if self.clean_weight is None:
+            self.clean_weight = 0.0 if (self.fr_weight == 0 and self.share == 1) else 1.0
         for k in ("clean_weight", "adv_weight", "fr_weight"):
             v = getattr(self, k)
             if v < 0:
