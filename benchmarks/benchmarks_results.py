@@ -8,9 +8,12 @@ RESULTS = Path(__file__).with_name("RESULTS.md")
 HEADER = "# Benchmark results\n\nEach section is written by the script it names; ratios are measured side by side in one run.\n\n"
 
 
-def replace_section(title_prefix: str, text: str) -> None:
-    """Replace the section whose heading starts with ``## title_prefix`` by ``text`` (or append it)."""
-    body = RESULTS.read_text() if RESULTS.exists() else HEADER
+def replace_section(title_prefix: str, text: str, results: Path | str | None = None) -> None:
+    """Replace the section whose heading starts with ``## title_prefix`` by ``text`` (or append it)
+    in ``results`` (default: benchmarks/RESULTS.md), atomically."""
+    path = Path(results) if results is not None else RESULTS
+    path.parent.mkdir(parents=True, exist_ok=True)
+    body = path.read_text() if path.exists() else HEADER
     parts = body.split("\n## ")
     head, sections = parts[0], ["## " + p for p in parts[1:]]
     new = text.rstrip("\n") + "\n"
@@ -21,6 +24,20 @@ def replace_section(title_prefix: str, text: str) -> None:
     else:
         sections.append(new)
     out = head.rstrip("\n") + "\n\n" + "\n".join(s.rstrip("\n") + "\n" for s in sections)
-    tmp = RESULTS.with_suffix(".tmp")
+    tmp = path.with_suffix(".tmp")
     tmp.write_text(out)
-    tmp.replace(RESULTS)
+    tmp.replace(path)
+    print(f"wrote section '{title_prefix}' of {path}")
+
+
+def add_results_args(ap) -> None:
+    """``--quick``, ``--write`` and ``--results PATH`` options shared by the benchmark scripts."""
+    ap.add_argument("--quick", action="store_true", help="tiny sizes for a smoke run (timings meaningless)")
+    ap.add_argument("--write", action="store_true", help="replace the section of --results")
+    ap.add_argument("--results", default=str(RESULTS), help="RESULTS.md to update with --write")
+
+
+def refuse_quick_write(ap, args) -> None:
+    """A ``--quick`` smoke run may write only to a results file other than benchmarks/RESULTS.md."""
+    if args.quick and args.write and Path(args.results).resolve() == RESULTS.resolve():
+        ap.error("--quick timings are meaningless: pass --results PATH (not benchmarks/RESULTS.md) with --write.")
