@@ -75,6 +75,10 @@ def run_evaluate(cfg: RunConfig, out_dir: Path, *, checkpoint: Optional[str] = N
     The model may be a volattack checkpoint, a TorchScript file, or a MONAI bundle directory
     (``trust_bundle=True`` required: bundle configs can execute code). External models carry no
     preprocessing, so ``cfg.data.preprocess`` and ``cfg.model.out_channels`` must describe them.
+
+    With an ``evaluate.defense`` section the model is evaluated behind the configured input
+    transforms and attacked adaptively (BPDA/EOT); the section is validated with the attacks,
+    before any model or data is loaded.
     """
     from volattack.data.datalist import load_datalist
     from volattack.evaluation.runner import evaluate
@@ -85,8 +89,9 @@ def run_evaluate(cfg: RunConfig, out_dir: Path, *, checkpoint: Optional[str] = N
         raise ConfigError("No checkpoint to evaluate: set evaluate.checkpoint or pass --checkpoint.")
     if not cfg.evaluate.attacks:
         logger.warning("evaluate.attacks is empty: only clean Dice is reported")
-    # fail on bad attack names/parameters before loading data
+    # fail on bad attack names/parameters and defence transforms before loading data
     _validate_attacks(cfg)
+    _validate_defense(cfg)
     model, info = _load_model(ckpt, trust_bundle)
     surrogate, sur_info = None, None
     if cfg.evaluate.surrogate_checkpoint:
@@ -120,10 +125,11 @@ def run_benchmark(cfg: RunConfig, out_dir: Path, *, trust_bundle: bool = False,
     ckpt = cfg.evaluate.checkpoint
     if cfg.train is not None:
         _validate_attacks(cfg)
+        _validate_defense(cfg)
         _validate_adversary(cfg)
         train_dir = out_dir / "train"
         summary_path = train_dir / "train_summary.json"
-        wanted = to_dict({"seed": cfg.seed, "data": cfg.data, "model": cfg.model, "train": cfg.train})
+        wanted = _training_identity(cfg)
         if summary_path.is_file() and (train_dir / "best.pt").is_file():
             summary = json.loads(summary_path.read_text())
             if summary.get("config") not in (None, wanted):
@@ -164,6 +170,39 @@ def _validate_attacks(cfg: RunConfig) -> None:
                 volattack.create_attack(spec.name, dummy, **kw)
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"evaluate.attacks: {label}: {e}") from e
+
+
+def _validate_defense(cfg: RunConfig) -> None:
+    """Build the configured defence and its adaptive model on a dummy model, so bad transform
+    parameters fail before any model, data or training work (names, ``bpda`` and ``eot_samples``
+    are already checked by the config dataclasses)."""
+    d = cfg.evaluate.defense
+    if d is None:
+        return
+    import warnings
+
+    import torch
+
+    from volattack.defenses.input_transforms import adaptive_wrapper
+    from volattack.evaluation.runner import build_defense
+
+    try:
+        with warnings.catch_warnings():  # the runner warns about eot_samples without randomness
+            warnings.simplefilter("ignore")
+            adaptive_wrapper(build_defense(torch.nn.Conv3d(1, 1, 1), d), d.bpda, d.eot_samples, seed=cfg.seed)
+    except (ValueError, TypeError) as e:
+        raise ConfigError(f"evaluate.defense: {e}") from e
+
+
+def _training_identity(cfg: RunConfig) -> dict[str, Any]:
+    """What identifies a finished training run of ``run_benchmark`` (seed, data, model, train).
+
+    ``data.preprocess.units`` is a report label, not part of the identity, so runs trained
+    before it existed (or with another label) are still reused.
+    """
+    wanted = to_dict({"seed": cfg.seed, "data": cfg.data, "model": cfg.model, "train": cfg.train})
+    wanted["data"]["preprocess"].pop("units", None)
+    return wanted
 
 
 def _validate_adversary(cfg: RunConfig) -> None:

@@ -11,6 +11,9 @@ READERS: tuple[str, ...] = ("NibabelReader", "ITKReader", "SimpleITKReader")
 
 _AXIS_PAIRS = ("LR", "AP", "SI")
 
+#: Longest accepted ``PreprocessConfig.units`` label (it is printed in table headers).
+MAX_UNITS_LENGTH = 16
+
 
 @dataclass
 class PreprocessConfig:
@@ -20,6 +23,9 @@ class PreprocessConfig:
     linearly to ``[b_min, b_max]`` and clipped. ``spacing`` is the target voxel spacing
     in mm (``None`` keeps the source spacing). ``roi_size`` is the training crop and the
     sliding-window size; ``num_samples`` crops per volume with ``pos``/``neg`` ratio.
+    ``units`` names the source intensity unit (``"HU"`` for CT; MRI has no absolute unit, so
+    MRI configs say e.g. ``"a.u."``): reports, CSV headers and figures print perturbation sizes
+    in it (``L-inf {units}``). It is a label only and changes no computation.
     """
 
     spacing: Optional[list[float]] = None
@@ -34,6 +40,7 @@ class PreprocessConfig:
     pos: float = 1.0
     neg: float = 1.0
     reader: Optional[str] = None  # None: by suffix; or "NibabelReader" / "ITKReader" / "SimpleITKReader"
+    units: str = "HU"  # source intensity unit, a label for reports ("HU" for CT, e.g. "a.u." for MRI)
 
     def validate(self) -> "PreprocessConfig":
         """Check every field; raise ``ValueError`` naming the field and the bad value.
@@ -78,6 +85,18 @@ class PreprocessConfig:
             )
         if self.reader is not None and self.reader not in READERS:
             raise ValueError(f"reader must be None or one of {list(READERS)}, got {self.reader!r}.")
+        u = self.units
+        if (
+            not isinstance(u, str)
+            or not u.strip()
+            or u != u.strip()
+            or len(u) > MAX_UNITS_LENGTH
+            or any(not c.isprintable() or c in "|`" for c in u)
+        ):
+            raise ValueError(
+                f"units must be a non-empty label of at most {MAX_UNITS_LENGTH} printable characters "
+                f"without surrounding spaces, '|' or '`' (e.g. 'HU', 'a.u.'), got {u!r}."
+            )
         return self
 
 

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from volattack.data.config import DataConfig, PhantomConfig
 from volattack.models.config import ModelConfig, TrainConfig
+from volattack.registry import suggest
 
 _FRACTION = re.compile(r"^\s*([+-]?\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
 
@@ -77,6 +78,110 @@ class AttackSpec:
         inner = ", ".join(f"{k}={format_number(v)}" for k, v in shown.items())
         return f"{self.name}({inner})"
 
+#: Input-transform defences accepted by ``evaluate.defense.transforms[].name`` (see
+#: :mod:`volattack.defenses.input_transforms`): ``gaussian`` -> ``GaussianSmoothing``,
+#: ``median`` -> ``MedianFilter``, ``dct_lowpass`` -> ``DCTLowPass``, ``dct_quant`` ->
+#: ``DCTQuantization``, ``noise`` -> ``RandomNoise``.
+DEFENSE_TRANSFORMS: tuple[str, ...] = ("gaussian", "median", "dct_lowpass", "dct_quant", "noise")
+
+#: Backward passes of the adaptive attack through non-differentiable transforms (the BPDA modes
+#: of ``volattack.defenses.input_transforms``, repeated here to keep this module free of torch).
+DEFENSE_BPDA: tuple[str, ...] = ("none", "identity", "smooth")
+
+#: Keys of a transform's ``params`` that are set elsewhere (``bpda`` by ``defense.bpda``).
+_RESERVED_TRANSFORM_PARAMS = ("bpda", "generator")
+
+
+@dataclass
+class TransformSpec:
+    """One input transform of a defence: ``{name: dct_quant, params: {q: 10, block_size: 8}}``.
+
+    Attributes:
+        name: one of :data:`DEFENSE_TRANSFORMS`.
+        params: keyword arguments of the transform's constructor (numbers may be fractions such
+            as ``"2/255"``); they are validated by the constructor when the pipeline starts
+            (before any data work). ``gaussian``: ``sigma`` (voxels), ``truncated``; ``median``:
+            ``kernel_size`` (odd, voxels); ``dct_lowpass``: ``block_size``, ``keep``;
+            ``dct_quant``: ``block_size``, ``q``, ``growth``, ``intensity_scale``,
+            ``soft_round_a``; ``noise``: ``sigma`` (input units), ``seed``.
+
+    Raises:
+        ValueError: unknown ``name`` (with a suggestion), ``params`` not a mapping, or a
+            ``bpda``/``generator`` entry in ``params``.
+    """
+
+    name: str = "gaussian"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or self.name not in DEFENSE_TRANSFORMS:
+            raise ValueError(
+                f"name must be one of {', '.join(DEFENSE_TRANSFORMS)}, got {self.name!r}."
+                f"{suggest(str(self.name), DEFENSE_TRANSFORMS)}"
+            )
+        if not isinstance(self.params, dict):
+            raise ValueError(f"params of transform {self.name!r} must be a mapping, got {self.params!r}.")
+        for k in _RESERVED_TRANSFORM_PARAMS:
+            if k in self.params:
+                hint = " set evaluate.defense.bpda instead" if k == "bpda" else " it is not configurable"
+                raise ValueError(
+                    f"params.{k} of transform {self.name!r} is not allowed ({k}={self.params[k]!r}):{hint}."
+                )
+        self.params = {k: parse_number(v, f"params.{k}") for k, v in self.params.items()}
+
+    def label(self) -> str:
+        """Short label, e.g. ``dct_quant(q=10, block_size=8)``."""
+        if not self.params:
+            return self.name
+        return f"{self.name}({', '.join(f'{k}={format_number(v)}' for k, v in self.params.items())})"
+
+
+@dataclass
+class DefenseConfig:
+    """The ``evaluate.defense`` section: input transforms in front of the model, and the adaptive attack.
+
+    The evaluated model becomes ``model(t_n(... t_1(x)))`` (``DefendedModel``): its clean Dice
+    is the report's clean row, and every attack is scored on it. The attacks differentiate the
+    adaptive model of ``adaptive_wrapper`` (Athalye, Carlini & Wagner, "Obfuscated Gradients
+    Give a False Sense of Security", ICML 2018): BPDA through the non-differentiable transforms
+    (``median``, ``dct_quant``) and EOT over the randomised ones (``noise``).
+
+    Attributes:
+        transforms: the transforms, applied first to last (at least one).
+        bpda: backward pass through the non-differentiable transforms: ``"identity"``
+            (straight-through, the default), ``"smooth"`` (gradient of a smooth approximation)
+            or ``"none"`` (plain autograd: a non-adaptive attack that the defence may mask,
+            shown by the zero-gradient sanity check).
+        eot_samples: draws averaged per forward pass when a transform is randomised (>= 1);
+            ignored (with a warning) otherwise.
+
+    Raises:
+        ValueError: empty ``transforms``, unknown ``bpda`` (with a suggestion) or
+            ``eot_samples`` not an integer >= 1.
+    """
+
+    transforms: list[TransformSpec] = field(default_factory=list)
+    bpda: str = "identity"
+    eot_samples: int = 1
+
+    def __post_init__(self) -> None:
+        self.transforms = [TransformSpec(**t) if isinstance(t, dict) else t for t in self.transforms]
+        if not self.transforms:
+            raise ValueError(
+                "transforms must list at least one transform (or remove the defense section), got []."
+            )
+        for i, t in enumerate(self.transforms):
+            if not isinstance(t, TransformSpec):
+                raise ValueError(f"transforms[{i}] must be a TransformSpec or a mapping, got {t!r}.")
+        if not isinstance(self.bpda, str) or self.bpda not in DEFENSE_BPDA:
+            raise ValueError(
+                f"bpda must be one of {', '.join(DEFENSE_BPDA)}, got {self.bpda!r}."
+                f"{suggest(str(self.bpda), DEFENSE_BPDA)}"
+            )
+        n = self.eot_samples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"eot_samples must be an integer >= 1, got {n!r}.")
+
 
 THREAT_MODELS = ("volume", "patch")
 
@@ -100,6 +205,8 @@ class EvalConfig:
         sanity_unbounded_steps: steps of the unbounded PGD check (0 skips that check).
         figures: write PNG figures (Dice versus budget, triplanar panels).
         figure_cases: number of cases that get a triplanar panel.
+        defense: input-transform defence in front of the model and the adaptive attack against
+            it (:class:`DefenseConfig`); ``None``: the bare model.
     """
 
     checkpoint: Optional[str] = None
@@ -120,8 +227,13 @@ class EvalConfig:
     figures: bool = True
     figure_cases: int = 1
     device: str = "auto"
+    defense: Optional[DefenseConfig] = None
 
     def __post_init__(self) -> None:
+        if isinstance(self.defense, dict):
+            self.defense = DefenseConfig(**self.defense)
+        if self.defense is not None and not isinstance(self.defense, DefenseConfig):
+            raise ValueError(f"defense must be a DefenseConfig, a mapping or None, got {self.defense!r}.")
         if self.threat_model not in THREAT_MODELS:
             raise ValueError(f"threat_model must be one of {THREAT_MODELS}, got {self.threat_model!r}.")
         if not (0 <= self.patch_overlap < 1):

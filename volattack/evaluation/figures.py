@@ -2,7 +2,8 @@
 
 - :func:`dice_vs_budget`: adversarial Dice against the swept budget, one line per attack.
 - :func:`triplanar_panel`: for one case, the central axial/coronal/sagittal slices of the
-  image, the adversarial image, the perturbation (amplified, in HU), its 3D spectrum
+  image, the adversarial image, the perturbation (amplified, in source units: ``units``, e.g.
+  HU for CT, a.u. for MRI), its 3D spectrum
   (log magnitude of the FFT, centred), and the clean and adversarial predictions overlaid.
 """
 
@@ -96,8 +97,21 @@ def triplanar_panel(
     *,
     title: str = "",
     unit_scale: float = 1.0,
+    units: str = "HU",
 ) -> Path:
     """Write the triplanar panel of one case.
+
+    Args:
+        image: clean input (model input units).
+        adv: adversarial input (model input units).
+        clean_pred: clean predicted class map.
+        adv_pred: adversarial predicted class map.
+        label: ground-truth class map.
+        path: PNG file to write (atomically).
+        title: figure title.
+        unit_scale: source units per input unit (``hu_per_unit`` of the preprocessing); the
+            perturbation column is shown in source units.
+        units: name of the source unit for the perturbation column (``data.preprocess.units``).
 
     Shape:
         image, adv ``(1, C, H, W, D)`` (channel 0 shown); predictions and label ``(1, 1, H, W, D)``.
@@ -110,7 +124,7 @@ def triplanar_panel(
     spec = torch.fft.fftshift(torch.fft.fftn(a - x).abs().add(1e-8).log10())
     cp, ap, gt = clean_pred[0, 0], adv_pred[0, 0], label[0, 0]
     k = int(max(int(gt.max()), int(cp.max()), int(ap.max()), 1))
-    cols = ["image", "adversarial", f"perturbation (HU, ±{lim:.1f})", "log |FFT| of perturbation",
+    cols = ["image", "adversarial", f"perturbation ({units}, ±{lim:.1f})", "log |FFT| of perturbation",
             "clean prediction", "adversarial prediction"]
     fig, axes = plt.subplots(3, 6, figsize=(15, 7.5))
     for r, (xs, as_, ds, ss, cs, aps) in enumerate(zip(_slices(x), _slices(a), _slices(delta), _slices(spec),

@@ -12,7 +12,25 @@ adversarial predictions with ``volattack.metrics``:
   model, stitch), see :mod:`volattack.evaluation.patchwise`.
 
 With ``evaluate.surrogate_checkpoint`` the attacks are crafted on the surrogate and scored
-on the target (transfer). Per-case results are written atomically to ``cases/<case>.json``
+on the target (transfer).
+
+With ``evaluate.defense`` (:class:`~volattack.evaluation.config.DefenseConfig`) the evaluated
+model is the defended model ``model(t_n(... t_1(x)))``
+(:class:`~volattack.defenses.input_transforms.DefendedModel`, built by :func:`build_defense`):
+its clean Dice is the clean row, every attack is scored on it, and the attacks (and the
+gradient-masking sanity checks) differentiate the adaptive model of
+:func:`~volattack.defenses.input_transforms.adaptive_wrapper` (BPDA through the
+non-differentiable transforms, EOT over the randomised ones; Athalye et al., ICML 2018).
+The defence sits inside sliding-window inference, so its transforms act on each window (the
+whole volume when one window covers it). The undefended model's clean Dice is recorded too,
+so the report shows what the defence costs. Randomised transforms and EOT are reseeded from
+the case seed before the clean prediction and before every attack, so results depend neither
+on the order or sharding of cases nor on the other attacks of the suite. (With a randomised
+defence, :class:`~volattack.attacks.sliding.WindowedInferer` recomputes each window in the
+backward pass with fresh EOT draws: the gradient is then a second EOT estimate of the same
+expected gradient, not the gradient of the exact draws of the forward pass.)
+
+Per-case results are written atomically to ``cases/<case>.json``
 as soon as the case is done; a rerun with the same configuration skips finished cases, so
 an interrupted run (even ``kill -9``) resumes where it stopped. Under ``torchrun`` the cases
 are sharded across ranks (case ``i`` on rank ``i % world_size``) and gathered on rank 0,
@@ -29,15 +47,18 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 from torch import nn
 
 from volattack.configs import dump_yaml, to_dict
 from volattack.data.config import PreprocessConfig
-from volattack.evaluation.config import EvalConfig
+from volattack.evaluation.config import DefenseConfig, EvalConfig
 from volattack.utils import atomic_write_json, atomic_write_text, versions
+
+if TYPE_CHECKING:  # pragma: no cover
+    from volattack.defenses.input_transforms import DefendedModel
 
 logger = logging.getLogger(__name__)
 
@@ -124,6 +145,86 @@ def make_inferer(roi: Sequence[int], sw_batch_size: int, overlap: float) -> Any:
         return SlidingWindowInferer(roi_size=list(roi), sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian")
 
 
+#: ``evaluate.defense.transforms[].name`` -> class name in :mod:`volattack.defenses.input_transforms`
+DEFENSE_CLASSES: dict[str, str] = {
+    "gaussian": "GaussianSmoothing",
+    "median": "MedianFilter",
+    "dct_lowpass": "DCTLowPass",
+    "dct_quant": "DCTQuantization",
+    "noise": "RandomNoise",
+}
+
+
+def build_defense(model: nn.Module, defense: DefenseConfig) -> "DefendedModel":
+    """The defended model of an ``evaluate.defense`` section: ``model(t_n(... t_1(x)))``.
+
+    Transforms are built from ``defense.transforms`` (names as in :data:`DEFENSE_CLASSES`,
+    constructor keywords from ``params``) with the exact forward pass (``bpda="none"``); the
+    adaptive attack's BPDA mode is applied by
+    :func:`~volattack.defenses.input_transforms.adaptive_wrapper`, not here.
+
+    Args:
+        model: segmenter mapping images to logits (shared, not copied).
+        defense: the ``evaluate.defense`` section.
+
+    Returns:
+        A :class:`~volattack.defenses.input_transforms.DefendedModel`.
+
+    Raises:
+        ValueError: a bad transform parameter (unknown keyword, with a suggestion, or a value the
+            transform rejects); the message names ``transforms[i]`` and the transform.
+
+    Shape:
+        images ``(B, C, H, W, D)`` (input units) -> logits ``(B, K, H, W, D)``.
+    """
+    import inspect
+
+    from volattack.defenses import input_transforms as it
+    from volattack.registry import suggest
+
+    transforms: list[nn.Module] = []
+    for i, spec in enumerate(defense.transforms):
+        cls = getattr(it, DEFENSE_CLASSES[spec.name])
+        allowed = [n for n, p in inspect.signature(cls.__init__).parameters.items()
+                   if n not in ("self", "bpda", "generator") and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+        for key in spec.params:
+            if key not in allowed:
+                raise ValueError(
+                    f"transforms[{i}] ({spec.name}): unknown parameter {key!r}.{suggest(str(key), allowed)} "
+                    f"Valid parameters: {', '.join(allowed)}."
+                )
+        try:
+            transforms.append(cls(**spec.params))
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"transforms[{i}] ({spec.name}): {e}") from e
+    return it.DefendedModel(model, transforms)
+
+
+def describe_defense(defended: "DefendedModel") -> str:
+    """One line naming the transforms of a defended model (``results["defense"]``).
+
+    ``DefendedModel.describe`` without the ``bpda`` arguments: the defence's forward pass does not
+    depend on them, and the adaptive attack's BPDA mode is reported separately
+    (``AdaptiveModel.describe``, ``results["adaptive"]``).
+
+    Args:
+        defended: a :class:`~volattack.defenses.input_transforms.DefendedModel`.
+
+    Returns:
+        e.g. ``"DCTQuantization(block_size=8, q=10.0, growth=1.0, intensity_scale=255.0) -> model"``.
+    """
+    import re
+
+    return re.sub(r", bpda='\w+'|bpda='\w+'(, )?", "", defended.describe())
+
+
+def _seed_from(*values: int) -> int:
+    """A 63-bit seed mixed from integers (numpy ``SeedSequence``), for independent streams."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(2, np.uint64)[0] >> np.uint64(1))
+
+
 class _Evaluator:
     """Holds everything one evaluation needs; :meth:`case` scores one datalist entry."""
 
@@ -139,6 +240,28 @@ class _Evaluator:
         self.bounds = (float(preprocess.b_min), float(preprocess.b_max))
         self.transforms = build_transforms(preprocess, mode="eval")
         crafting = surrogate if surrogate is not None else model
+        self.grad_model = model  # differentiated by the zero-gradient sanity check
+        self.defended: Optional[nn.Module] = None
+        self.adaptive: Optional[nn.Module] = None
+        self.crafting_adaptive: Optional[nn.Module] = None
+        self.undefended = model
+        d = eval_cfg.defense
+        if d is not None:
+            from volattack.defenses.input_transforms import adaptive_wrapper
+
+            self.defended = build_defense(model, d).to(device).eval()
+            self.adaptive = adaptive_wrapper(self.defended, d.bpda, d.eot_samples, seed=seed).eval()
+            self.crafting_adaptive = self.adaptive
+            if surrogate is not None:  # the attacker knows the defence, not the target's weights
+                import warnings
+
+                with warnings.catch_warnings():  # same settings: adaptive_wrapper has warned once above
+                    warnings.simplefilter("ignore")
+                    self.crafting_adaptive = adaptive_wrapper(
+                        build_defense(surrogate, d).to(device).eval(), d.bpda, d.eot_samples, seed=seed).eval()
+            self.model = self.defended
+            self.grad_model = self.adaptive
+            crafting = self.crafting_adaptive
         self.runs: list[tuple[str, str, dict[str, Any]]] = [
             (label, spec.name, kw) for spec in eval_cfg.attacks for label, kw in spec.expand()
         ]
@@ -159,6 +282,28 @@ class _Evaluator:
                 steps=eval_cfg.sanity_unbounded_steps, measure_ssim=False, **common)
         self.patch_size = list(eval_cfg.patch_size or preprocess.roi_size)
 
+    def _reseed(self, case_seed: int) -> None:
+        """Reseed every randomised transform and EOT generator from the case seed (order-free replay).
+
+        Called before the clean prediction and before each attack (and each sanity check), so a
+        row's numbers depend neither on the other cases nor on the other attacks. The attacker's
+        EOT generators restart from the case seed (``seed + i``, as the attacks); the defender's
+        own draws (scoring) use an independent stream mixed from the case seed, the transform's
+        ``seed`` and its position, so the attacker never sees the defender's noise, and the clean
+        and adversarial predictions of a case see the same defender draws.
+        """
+        if self.defended is None:
+            return
+        from volattack.defenses.input_transforms import EOTModel, RandomNoise
+
+        for j, m in enumerate(self.defended.modules()):  # the defender's draws
+            if isinstance(m, RandomNoise):
+                m.generator.manual_seed(_seed_from(case_seed, m.seed, j, 1))
+        for root in (self.adaptive, self.crafting_adaptive):  # the attacker's EOT draws
+            for m in root.modules():  # type: ignore[union-attr]
+                if isinstance(m, EOTModel):
+                    m.generator.manual_seed(case_seed)
+
     def _attack(self, atk, image, label, seed):
         if self.cfg.threat_model == "patch":
             from volattack.evaluation.patchwise import attack_patchwise
@@ -174,8 +319,8 @@ class _Evaluator:
         from volattack.attacks.objectives import objective_per_sample
 
         x = image.detach().clone().requires_grad_(True)
-        with eval_mode(self.model):
-            loss = objective_per_sample(self.inferer(x, self.model).float(), label, "dice_ce").sum()
+        with eval_mode(self.grad_model):
+            loss = objective_per_sample(self.inferer(x, self.grad_model).float(), label, "dice_ce").sum()
             (g,) = torch.autograd.grad(loss * x[0].numel(), x)
         return float((g == 0).float().mean())
 
@@ -192,18 +337,24 @@ class _Evaluator:
                 f"case {entry.get('label')!r}: labels must be in [0, {self.k - 1}], "
                 f"got values in [{int(label.min())}, {int(label.max())}]."
             )
+        seed = self.seed + index
+        self._reseed(seed)
         with torch.no_grad():
             clean_pred = self.inferer(image, self.model).argmax(1, keepdim=True)
-        seed = self.seed + index
         record: dict[str, Any] = {
             "case": cid, "image": str(entry.get("image")), "label": str(entry.get("label")), "key": key,
             "seed": seed, "shape": list(image.shape[2:]), "spacing_mm": spacing,
             "clean": score(clean_pred, label, self.k, spacing), "attacks": {}, "sanity": {},
         }
+        if self.defended is not None:
+            with torch.no_grad():
+                bare_pred = self.inferer(image, self.undefended).argmax(1, keepdim=True)
+            record["clean_undefended"] = score(bare_pred, label, self.k, spacing)
         if self.cfg.save_pred:
             _save_label(clean_pred, affine, self.out / "predictions" / f"{cid}_clean.nii.gz")
         panel: Optional[tuple] = None
         for lbl, _name, _kw in self.runs:
+            self._reseed(seed)
             adv, info = self._attack(self.attacks[lbl], image, label, seed)
             with torch.no_grad():
                 adv_pred = self.inferer(adv, self.model).argmax(1, keepdim=True)
@@ -225,8 +376,10 @@ class _Evaluator:
             if self.cfg.save_pred:
                 _save_label(adv_pred, affine, self.out / "predictions" / f"{cid}_{_slug(lbl)}.nii.gz")
         if self.cfg.sanity_checks:
+            self._reseed(seed)
             record["sanity"]["zero_grad_fraction"] = self._zero_grad_fraction(image, label)
             if self.unbounded is not None:
+                self._reseed(seed)
                 adv, _ = self._attack(self.unbounded, image, label, seed)
                 with torch.no_grad():
                     pred = self.inferer(adv, self.model).argmax(1, keepdim=True)
@@ -239,7 +392,7 @@ class _Evaluator:
                     image.cpu(), panel[2], clean_pred.cpu(), panel[3], label.cpu(),
                     self.out / "figures" / f"panel_{cid}.png",
                     title=f"{cid}: {panel[1]} (Dice {record['clean']['dice']:.2f} -> {panel[0]:.2f})",
-                    unit_scale=self.unit_scale,
+                    unit_scale=self.unit_scale, units=self.pre.units,
                 )
                 record["figure"] = f"figures/panel_{cid}.png"
             except ImportError as e:  # matplotlib missing
@@ -267,11 +420,13 @@ def evaluate(
     """Evaluate ``model`` clean and under every attack of ``eval_cfg`` on ``cases``.
 
     Args:
-        model: segmenter mapping ``(1, C, H, W, D)`` to logits ``(1, K, H, W, D)``.
+        model: segmenter mapping ``(1, C, H, W, D)`` to logits ``(1, K, H, W, D)``; with
+            ``eval_cfg.defense`` it is evaluated behind the configured input transforms.
         cases: datalist entries ``{"image": path, "label": path}``.
         out_dir: run directory (``config.yaml``, ``results.json``, ``report.md``, ``cases/``).
         eval_cfg: attacks, threat model, sliding-window settings, outputs.
-        preprocess: the preprocessing the model was trained with (intensity window -> HU scale).
+        preprocess: the preprocessing the model was trained with (intensity window -> source-unit
+            scale; ``preprocess.units`` names the source unit in the reports).
         num_classes: K, including background.
         seed: base seed; case ``i`` is attacked with seed ``seed + i`` (recorded per case).
         class_names: optional names of classes for the report.
@@ -303,13 +458,18 @@ def evaluate(
     if surrogate is not None:
         surrogate = surrogate.to(device).eval()
     ev = _Evaluator(model, surrogate, eval_cfg, preprocess, num_classes, seed, out, device)
-    key = _config_key({
-        "attacks": [(lbl, n, kw) for lbl, n, kw in ev.runs], "seed": seed, "preprocess": to_dict(preprocess),
+    key_payload: dict[str, Any] = {
+        "attacks": [(lbl, n, kw) for lbl, n, kw in ev.runs], "seed": seed,
+        # ``units`` is a label (no effect on any number): runs keep their key when it is added or renamed
+        "preprocess": {k: v for k, v in to_dict(preprocess).items() if k != "units"},
         "model": model_info or {}, "surrogate": surrogate_info or {},
         "eval": {k: v for k, v in to_dict(eval_cfg).items()
                  if k in ("threat_model", "patch_size", "patch_overlap", "sw_batch_size", "sw_overlap",
                           "sanity_checks", "sanity_unbounded_steps")},
-    })
+    }
+    if eval_cfg.defense is not None:  # absent without a defence: earlier runs keep their key
+        key_payload["defense"] = to_dict(eval_cfg.defense)
+    key = _config_key(key_payload)
     cases = list(cases)[: eval_cfg.max_cases] if eval_cfg.max_cases else list(cases)
     mine = [(i, c) for i, c in enumerate(cases) if i % world == rank]
     (out / "cases").mkdir(parents=True, exist_ok=True)
@@ -364,7 +524,17 @@ def evaluate(
         "failed": [failed[i] for i in sorted(failed)],
         "summary": summarize(records, [r[0] for r in ev.runs], eval_cfg.fooling_threshold),
         "timings": {"evaluate_seconds": seconds},
+        "intensity_units": preprocess.units,
     }
+    if ev.defended is not None:
+        assert eval_cfg.defense is not None and ev.adaptive is not None
+        results["defense"] = describe_defense(ev.defended)
+        results["defense_config"] = to_dict(eval_cfg.defense)
+        results["adaptive"] = ev.adaptive.describe()
+        results["summary"]["clean_undefended"] = {
+            "dice": _nanmean([c["clean_undefended"]["dice"] for c in records if "clean_undefended" in c]),
+            "hd95_mm": _nanmean([c["clean_undefended"]["hd95_mm"] for c in records if "clean_undefended" in c]),
+        }
     if eval_cfg.sanity_checks:
         from volattack.evaluation.sanity import sanity_checks
 
