@@ -54,6 +54,9 @@ def test_fractions_are_parsed_never_evaluated():
     assert [lbl for lbl, _ in spec.expand()] == ["pgd(eps=2/255)", "pgd(eps=8/255)"]
     assert spec.expand()[1][1] == {"steps": 5, "eps": pytest.approx(8 / 255)}
     assert format_number(4 / 255) == "4/255" and format_number(0.3) == "0.3"
+    assert format_number(0.4, "rho") == "0.4" and format_number(0.2, "l_dc") == "0.2"  # 102/255, 51/255
+    assert format_number(8 / 255, "eps") == "8/255"
+    assert AttackSpec(name="sa2", sweep={"rho": [0.4]}).expand()[0][0] == "sa2(rho=0.4)"
     with pytest.raises(ConfigError, match="sweep lists must have equal lengths"):
         from_dict(AttackSpec, {"sweep": {"eps": [1, 2], "steps": [1]}})
 

@@ -1,4 +1,4 @@
-"""The ``volattack`` command line: train, attack, evaluate, benchmark, phantoms, list.
+"""The ``volattack`` command line: train, attack, evaluate, benchmark, study, phantoms, list.
 
 Argument parsing imports neither torch nor MONAI, so ``volattack --help`` and argument
 errors answer at once; each handler imports what it needs. Exit codes: 0 success,
@@ -70,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="checkpoint to evaluate (overrides evaluate.checkpoint)")
 
     p = sub.add_parser("benchmark", help="whole pipeline from a config: phantoms, training, evaluation")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "study",
+        help="robustness study: train several variants (e.g. clean, PGD-AT, VAFT) and compare them under attack",
+        description="Train every variant of a study config (a run config plus 'variants: {name: overrides of "
+        "model/train}'), evaluate each under the same attacks, and write comparison.md/.csv/.png. "
+        "Rerunning the same command resumes.",
+    )
     _add_common(p)
 
     p = sub.add_parser("list", help="list registered attacks, models or objectives")
@@ -172,6 +181,23 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
     return _finish_eval(run_benchmark(cfg, out, trust_bundle=args.trust_bundle, progress=not args.quiet), out)
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from volattack.study import dice_table, run_study
+
+    study = run_study(args.config, args.out, overrides=args.overrides, trust_bundle=args.trust_bundle,
+                      progress=not args.quiet)
+    sys.stdout.write(dice_table(study["rows"]) + "\n\n")
+    for name, res in study["results"].items():
+        for c in res.get("sanity") or []:
+            if c["status"] == "warn":
+                sys.stdout.write(f"WARNING {name}: sanity check {c['check']}: {c['detail']}\n")
+    sys.stdout.write(f"comparison: {study['files']['md']}\n")
+    failed = [(name, f) for name, res in study["results"].items() for f in res.get("failed") or []]
+    for name, f in failed:
+        sys.stderr.write(f"volattack: variant {name}: case {f['case']} failed: {f['reason']}\n")
+    return EXIT_ERROR if failed else EXIT_OK
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     lines = []
     if args.what in ("all", "attacks"):
@@ -196,6 +222,7 @@ HANDLERS = {
     "attack": cmd_attack,
     "evaluate": cmd_evaluate,
     "benchmark": cmd_benchmark,
+    "study": cmd_study,
     "list": cmd_list,
 }
 

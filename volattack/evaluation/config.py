@@ -27,9 +27,16 @@ def parse_number(value: Any, name: str = "value") -> Any:
     return value
 
 
-def format_number(v: Any) -> str:
-    """Short label for budgets: multiples of 1/255 print as ``k/255``."""
+#: parameters whose values are intensity budgets (printed as ``k/255`` when they are multiples)
+BUDGET_KEYS = ("eps", "alpha", "sigma")
+
+
+def format_number(v: Any, key: Optional[str] = None) -> str:
+    """Short label: intensity budgets that are multiples of 1/255 print as ``k/255``; with ``key``
+    given, only the budget parameters of ``BUDGET_KEYS`` do (``rho=0.4``, not ``rho=102/255``)."""
     if isinstance(v, float):
+        if key is not None and key not in BUDGET_KEYS:
+            return f"{v:.4g}"
         k = v * 255
         if abs(k - round(k)) < 1e-6 and v != 0:
             return f"{int(round(k))}/255"
@@ -75,7 +82,7 @@ class AttackSpec:
     def label(self, shown: dict[str, Any]) -> str:
         if not shown:
             return self.name
-        inner = ", ".join(f"{k}={format_number(v)}" for k, v in shown.items())
+        inner = ", ".join(f"{k}={format_number(v, k)}" for k, v in shown.items())
         return f"{self.name}({inner})"
 
 #: Input-transform defences accepted by ``evaluate.defense.transforms[].name`` (see
@@ -133,7 +140,7 @@ class TransformSpec:
         """Short label, e.g. ``dct_quant(q=10, block_size=8)``."""
         if not self.params:
             return self.name
-        return f"{self.name}({', '.join(f'{k}={format_number(v)}' for k, v in self.params.items())})"
+        return f"{self.name}({', '.join(f'{k}={format_number(v, k)}' for k, v in self.params.items())})"
 
 
 @dataclass

@@ -1,0 +1,268 @@
+"""Robustness studies (volattack study): variant merging, validation before training, comparison
+tables with known values, and a tiny end-to-end study that a rerun reuses completely."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from volattack import pipeline
+from volattack.cli import main
+from volattack.configs import ConfigError
+from volattack.study import (
+    CSV_COLUMNS,
+    comparison_csv,
+    comparison_rows,
+    deep_merge,
+    dice_table,
+    expand_dotted,
+    full_table,
+    load_study,
+    run_study,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- merging
+
+
+def test_deep_merge_known_values_and_inputs_untouched():
+    base = {"train": {"epochs": 5, "lr": 1.0, "adversary": {"name": "none", "params": {"eps": 1}}}, "seed": 0}
+    over = {"train": {"lr": 2.0, "adversary": {"name": "pgd", "params": {"steps": 3}}}}
+    out = deep_merge(base, over)
+    assert out == {"train": {"epochs": 5, "lr": 2.0, "adversary": {"name": "pgd", "params": {"eps": 1, "steps": 3}}},
+                   "seed": 0}
+    assert base["train"]["lr"] == 1.0 and base["train"]["adversary"]["params"] == {"eps": 1}
+    assert over == {"train": {"lr": 2.0, "adversary": {"name": "pgd", "params": {"steps": 3}}}}
+    # a non-mapping replaces a mapping and vice versa
+    assert deep_merge({"a": {"b": 1}}, {"a": 3}) == {"a": 3}
+    assert deep_merge({"a": 3}, {"a": {"b": 1}}) == {"a": {"b": 1}}
+
+
+def test_expand_dotted_merges_with_nested_keys():
+    out = expand_dotted({"train.adversary.name": "pgd", "train": {"epochs": 3, "adversary.share": 0.5}})
+    assert out == {"train": {"adversary": {"name": "pgd", "share": 0.5}, "epochs": 3}}
+    with pytest.raises(ConfigError, match=r"variants.x: keys must be non-empty \(dotted\) names, got 'train..lr'"):
+        expand_dotted({"train..lr": 1}, "variants.x")
+
+
+# ---------------------------------------------------------------- validation before any training
+
+
+def _study(tmp_path: Path, variants, **extra) -> dict:
+    raw = {
+        "seed": 0,
+        "output_dir": str(tmp_path / "study"),
+        "phantoms": {"out": str(tmp_path / "ph"), "n": 2, "n_val": 1, "n_test": 1, "size": [16, 16, 16], "seed": 0},
+        "data": {"preprocess": {"spacing": None, "roi_size": [16, 16, 16], "num_samples": 1}},
+        "model": {"name": "unet", "out_channels": 5, "kwargs": {"channels": [4, 8], "strides": [2]}},
+        "train": {"epochs": 1, "batch_size": 1, "val_interval": 1, "cache": False},
+        "evaluate": {"attacks": [{"name": "fgsm", "params": {"eps": "4/255"}}], "sanity_checks": False,
+                     "figures": False},
+        "variants": variants,
+    }
+    raw.update(extra)
+    return raw
+
+
+@pytest.fixture
+def no_training(monkeypatch):
+    """Fail the test if any variant starts running."""
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("run_benchmark was called although the study config is invalid")
+
+    monkeypatch.setattr(pipeline, "run_benchmark", forbidden)
+
+
+@pytest.mark.parametrize(
+    "variants, extra, match",
+    [
+        (None, {}, r"A study config needs a 'variants' mapping"),
+        ({}, {}, r"variants must name at least one variant, got an empty mapping"),
+        ([{"clean": {}}], {}, r"variants must be a mapping of variant name -> overrides"),
+        ({"a/b": {}}, {}, r"variant names must start with a letter or digit .* got 'a/b'"),
+        ({"ok": {}, "bad": 3}, {}, r"variants.bad must be a mapping of overrides \(or empty\), got 3"),
+        # an unknown key in the second variant: nothing of the first one runs
+        ({"ok": {}, "bad": {"train": {"epoch": 2}}}, {},
+         r"variants.bad: Unknown config key 'train.epoch'. Did you mean 'epochs'\?"),
+        ({"bad": {"train.adversary.nmae": "pgd"}}, {},
+         r"variants.bad: Unknown config key 'train.adversary.nmae'. Did you mean 'name'\?"),
+        ({"bad": {"train.adversary.name": "pgdd"}}, {}, r"variants.bad: train.adversary: Unknown adversary 'pgdd'"),
+        ({"bad": {"train": {"adversary": {"name": "pgd", "params": {"eps": -1}}}}}, {},
+         r"variants.bad: train.adversary: eps must be >= 0, got -1"),
+        ({"bad": {"evaluate.split": "validation"}}, {},
+         r"variants.bad: a variant may override only 'model', 'train' keys .* got 'evaluate'"),
+        ({"bad": {"model.name": "unett"}}, {}, r"variants.bad: model: .*unett"),
+        ({"bad": {"model.kwargs.widths": [1, 2]}}, {}, r"variants.bad: model: .*widths"),
+        ({"bad": {"train.epochs": 0}}, {}, r"variants.bad: train.epochs must be an integer >= 1, got 0"),
+        ({"ok": {}}, {"evaluate": {"attacks": [{"name": "vafaa"}]}},
+         r"evaluate.attacks: vafaa: Unknown attack 'vafaa'. Did you mean 'vafa'\?"),
+        ({"ok": {}}, {"train": None}, r"variants.ok: no 'train' section"),
+    ],
+)
+def test_bad_study_fails_before_training(tmp_path, no_training, variants, extra, match):
+    raw = _study(tmp_path, variants, **extra)
+    if variants is None:
+        del raw["variants"]
+    with pytest.raises(ConfigError, match=match):
+        run_study(raw)
+    assert not (tmp_path / "study").exists() and not (tmp_path / "ph").exists()
+
+
+def test_missing_datalist_without_phantoms(tmp_path, no_training):
+    raw = _study(tmp_path, {"ok": {}}, phantoms=None)
+    with pytest.raises(ConfigError, match="data.datalist is empty"):
+        run_study(raw)
+    raw["data"]["datalist"] = str(tmp_path / "nope.json")
+    with pytest.raises(FileNotFoundError, match="nope.json"):
+        run_study(raw)
+
+
+def test_load_study_merges_variants_and_overrides(tmp_path):
+    raw = _study(tmp_path, {
+        "clean": None,
+        "at": {"train.adversary": {"name": "pgd", "params": {"eps": "4/255", "steps": 1}}, "train": {"lr": 0.01}},
+    })
+    plan = load_study(raw, tmp_path / "out", overrides=["train.batch_size=2", "variants.at.train.adversary.share=0.5"])
+    assert list(plan.variants) == ["clean", "at"]
+    clean, at = plan.variants["clean"], plan.variants["at"]
+    assert clean.output_dir == str(tmp_path / "out" / "clean") and at.output_dir == str(tmp_path / "out" / "at")
+    assert clean.train.adversary.name == "none" and clean.train.lr == pytest.approx(1e-3)
+    assert at.train.adversary.name == "pgd" and at.train.adversary.params == {"eps": "4/255", "steps": 1}
+    assert at.train.adversary.share == 0.5 and at.train.lr == 0.01
+    assert clean.train.batch_size == at.train.batch_size == 2  # --set on the base reaches every variant
+    assert at.evaluate == clean.evaluate and at.data == clean.data
+    with pytest.warns(UserWarning, match="different numbers of epochs"):
+        load_study(_study(tmp_path, {"a": {}, "b": {"train.epochs": 2}}))
+
+
+def test_shipped_study_config_is_valid_with_equal_epochs():
+    plan = load_study(REPO / "configs" / "robustness_study.yaml")
+    assert list(plan.variants) == ["clean", "pgd_at", "vaft"]
+    assert len({c.train.epochs for c in plan.variants.values()}) == 1
+    advs = {n: c.train.adversary for n, c in plan.variants.items()}
+    assert advs["clean"].name == "none"
+    assert advs["pgd_at"].name == "pgd" and advs["pgd_at"].fr_weight == 0
+    assert advs["vaft"].name == "vafa" and advs["vaft"].fr_weight == 1.0
+    names = {a.name for a in plan.base.evaluate.attacks}
+    assert {"pgd", "vafa", "sa2"} <= names
+
+
+# ---------------------------------------------------------------- comparison tables (known values)
+
+
+def _fake_results(clean: float, adv: dict, units: str = "HU") -> dict:
+    return {
+        "intensity_units": units,
+        "threat_model": "volume",
+        "attacks": [{"label": k, "name": k.split("(")[0], "params": {}} for k in adv],
+        "summary": {
+            "n_cases": 2,
+            "clean": {"dice": clean},
+            "attacks": {k: {"clean_dice": clean, "adv_dice": v, "dice_drop": clean - v, "linf": 4 / 255,
+                            "rms": 3 / 255, "linf_units": 4 / 255 * 425, "rms_units": 3 / 255 * 425, "ssim": 0.97}
+                        for k, v in adv.items()},
+        },
+    }
+
+
+def test_comparison_rows_csv_and_tables():
+    results = {"clean": _fake_results(0.9, {"pgd(eps=4/255)": 0.5}),
+               "at": _fake_results(0.8, {"pgd(eps=4/255)": 0.7})}
+    rows = comparison_rows(results)
+    assert [(r["variant"], r["attack"]) for r in rows] == [
+        ("clean", "clean"), ("clean", "pgd(eps=4/255)"), ("at", "clean"), ("at", "pgd(eps=4/255)")]
+    assert rows[0]["adv_dice"] == rows[0]["clean_dice"] == 0.9 and rows[0]["dice_drop"] is None
+    assert rows[3]["dice_drop"] == pytest.approx(0.1) and rows[3]["linf"] == pytest.approx(4 / 255)
+    table = list(csv.DictReader(io.StringIO(comparison_csv(rows))))
+    assert list(table[0]) == list(CSV_COLUMNS) and len(table) == 4
+    assert table[1]["adv_dice"] == "0.5" and table[0]["dice_drop"] == "" and table[1]["intensity_units"] == "HU"
+    pivot = dice_table(rows).splitlines()
+    assert pivot[0] == "| Variant | clean | pgd(eps=4/255) |"
+    assert pivot[2] == "| clean | 0.900 | 0.500 |" and pivot[3] == "| at | 0.800 | 0.700 |"
+    full = full_table(rows)
+    assert "| at | pgd(eps=4/255) | 0.800 | 0.700 | 0.100 | 4.00/255 | 6.7 | 5.0 | 0.970 |" in full
+    assert "L-inf HU" in full
+    mri = comparison_rows({"m": _fake_results(0.9, {"gn": 0.9}, units="a.u.")})
+    assert "L-inf a.u." in full_table(mri) and mri[1]["intensity_units"] == "a.u."
+
+
+# ---------------------------------------------------------------- command line
+
+
+def test_study_help_does_not_import_torch():
+    code = (
+        "import sys\nfrom volattack.cli import main\n"
+        "try:\n    main(['study', '--help'])\nexcept SystemExit as e:\n    assert e.code == 0\n"
+        "assert 'torch' not in sys.modules and 'monai' not in sys.modules\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert "variants" in out.stdout and "--set" in out.stdout
+
+
+def test_study_cli_config_error_exit_code(tmp_path, capsys, no_training):
+    cfg = tmp_path / "s.yaml"
+    cfg.write_text(yaml.safe_dump(_study(tmp_path, {"a": {"train": {"adversary": {"name": "fgsmm"}}}})))
+    assert main(["study", str(cfg), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "volattack study: config error: variants.a: train.adversary: Unknown adversary 'fgsmm'" in err
+    assert main(["study", str(tmp_path / "missing.yaml")]) == 2
+    assert "Config file not found" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------- end to end
+
+
+@pytest.mark.slow
+def test_study_end_to_end_and_rerun_reuses_everything(tmp_path, capsys):
+    """Two variants (clean, FGSM-RS adversarial training), 1 epoch on 16^3 phantoms, FGSM evaluation."""
+    cfg = tmp_path / "study.yaml"
+    raw = _study(tmp_path, {"clean": {}, "fast_at": {"train.adversary": {"name": "fgsm_rs", "params": {"eps": "4/255"}}}},
+                 output_dir=str(tmp_path / "not_used"))
+    cfg.write_text(yaml.safe_dump(raw))
+    cmd = ["study", str(cfg), "--out", str(tmp_path / "study"), "--quiet"]
+    assert main(cmd) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("| Variant | clean | fgsm(eps=4/255) |") and "comparison: " in out
+    study = tmp_path / "study"
+    for name in ("comparison.md", "comparison.csv", "comparison.png", "study.json", "study.yaml",
+                 "clean/results.json", "fast_at/results.json", "clean/train/best.pt", "fast_at/train/best.pt"):
+        assert (study / name).is_file(), name
+    assert (study / "comparison.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = list(csv.DictReader(io.StringIO((study / "comparison.csv").read_text())))
+    assert [(r["variant"], r["attack"]) for r in rows] == [
+        ("clean", "clean"), ("clean", "fgsm(eps=4/255)"), ("fast_at", "clean"), ("fast_at", "fgsm(eps=4/255)")]
+    for variant in ("clean", "fast_at"):
+        res = json.loads((study / variant / "results.json").read_text())
+        clean_row, adv_row = [r for r in rows if r["variant"] == variant]
+        assert float(clean_row["adv_dice"]) == pytest.approx(res["summary"]["clean"]["dice"])
+        assert float(adv_row["adv_dice"]) == pytest.approx(res["summary"]["attacks"]["fgsm(eps=4/255)"]["adv_dice"])
+        assert float(adv_row["linf"]) <= 4 / 255 + 1e-6
+    # the variants really differ: FGSM-RS training produced other weights than clean training
+    logs = [json.loads((study / v / "train" / "train_log.json").read_text()) for v in ("clean", "fast_at")]
+    assert logs[0]["config"]["train"]["adversary"]["name"] == "none"
+    assert logs[1]["config"]["train"]["adversary"]["name"] == "fgsm_rs"
+    assert logs[0]["history"][0]["loss"] != logs[1]["history"][0]["loss"]
+    summary = json.loads((study / "study.json").read_text())
+    assert summary["finished"] == ["clean", "fast_at"] and summary["variants"]["fast_at"]["epochs"] == 1
+    md = (study / "comparison.md").read_text()
+    assert "variants finished: 2/2" in md and "fgsm_rs(eps=4/255)" in md and "| fast_at | fgsm(eps=4/255) |" in md
+
+    # rerun: training and every case are reused (files untouched), the comparison is identical
+    watched = sorted(study.glob("*/cases/*.json")) + sorted(study.glob("*/train/*.pt"))
+    assert len(watched) == 6
+    stamps = [p.stat().st_mtime_ns for p in watched]
+    csv_before = (study / "comparison.csv").read_text()
+    assert main(cmd) == 0
+    assert not (tmp_path / "not_used").exists()
+    assert [p.stat().st_mtime_ns for p in watched] == stamps
+    assert (study / "comparison.csv").read_text() == csv_before
