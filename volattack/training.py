@@ -11,11 +11,26 @@ shuffling and any dropout from a seed derived from ``(seed, e)``, inside a forke
 so the caller's global random state is untouched. A run resumed from ``last.pt`` therefore
 replays the remaining epochs exactly as an uninterrupted run would (up to float noise).
 Crops depend on ``train.num_workers`` (each DataLoader worker seeds its own transforms), so
-runs are reproducible for a fixed number of workers.
+runs are reproducible for a fixed number of workers (and of DDP ranks, see below).
 
 Files written to ``out_dir``: ``last.pt`` (every epoch: model, optimizer, epoch, best
 metric, seed, history), ``best.pt`` (when the validation Dice improves) and
-``train_log.json`` (configs, seed, per-epoch loss / validation Dice / seconds).
+``train_log.json`` (configs, seed, world size, per-epoch loss / validation Dice / seconds).
+
+Distributed data parallel (``torchrun --nproc_per_node N -m volattack train cfg.yaml``): with
+``WORLD_SIZE > 1`` in the environment (or an initialised process group of more than one rank)
+the model is wrapped in ``torch.nn.parallel.DistributedDataParallel`` (gloo on CPU, nccl on
+CUDA, one GPU per rank by ``LOCAL_RANK``). Every epoch the training cases are shuffled by the
+``(seed, epoch)`` permutation that a single process would use and dealt round-robin to the
+ranks (``permutation[rank::N]``, the remainder ``n mod N`` left out of that epoch, so shares are
+disjoint and every rank runs the same number of steps, as ``DistributedSampler(drop_last=True)``
+with ``set_epoch``). ``train.batch_size`` is per rank (global batch ``N * batch_size``). Crops,
+dropout and attack random starts draw from a ``(seed, epoch, rank)`` stream. Adversarial
+examples are crafted on the unwrapped module, so the attack's eval-mode switch and its
+input-gradient passes never reach DDP's gradient hooks or buffer broadcasts. Validation is
+sharded (case ``i`` on rank ``i mod N``) and the per-case Dice values are all-reduced, so every
+rank takes the same "best" decision. Only rank 0 writes files; all ranks read ``last.pt`` on
+resume.
 """
 
 from __future__ import annotations
@@ -27,7 +42,7 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator, Optional, Union
 
@@ -177,6 +192,187 @@ def _as_tensor(x: Any) -> torch.Tensor:
     return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
 
 
+# ----------------------------------------------------------------------------- distributed
+
+
+@dataclass(frozen=True)
+class _Dist:
+    """This process's place in the run: ``rank`` of ``world`` ranks; ``created`` when
+    :func:`train` initialised the process group (and so destroys it at the end)."""
+
+    rank: int = 0
+    world: int = 1
+    created: bool = False
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        return int(raw)
+    except ValueError as e:
+        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}.") from e
+
+
+#: process groups created by :func:`train` in this process (each gets its own store prefix)
+_groups_created = 0
+
+
+def _init_process_group(backend: str) -> None:
+    """``init_process_group`` by the ``env://`` rendezvous, under a store prefix of its own.
+
+    ``destroy_process_group`` resets torch's group counter, so a second default group made the
+    ordinary way in the same torchrun worker (a second ``train``, or ``train`` then an
+    evaluation) would reuse the first group's keys, still held by the launcher's store, and its
+    gloo/nccl rendezvous could pair ranks by stale addresses and hang. Every rank calls this the
+    same number of times, so the ``volattack.train.<n>`` prefixes agree across ranks.
+    """
+    import torch.distributed as dist
+
+    global _groups_created
+    store, rank, world = next(dist.rendezvous("env://"))
+    store = dist.PrefixStore(f"volattack.train.{_groups_created}", store)
+    _groups_created += 1
+    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
+
+
+def _setup_distributed(device: torch.device) -> tuple[_Dist, torch.device]:
+    """Join (or create) the process group when launched by torchrun with ``WORLD_SIZE > 1``.
+
+    The backend is nccl for a CUDA device and gloo otherwise; on CUDA each rank uses the GPU
+    ``LOCAL_RANK`` (else ``rank mod device_count``). An already initialised group of more than
+    one rank is used as it is (and left alive at the end); a group created here is made by
+    :func:`_init_process_group`.
+
+    Returns:
+        The rank description and the device this rank trains on.
+    """
+    import torch.distributed as dist
+
+    ws = _env_int("WORLD_SIZE", 1)
+    initialised = dist.is_available() and dist.is_initialized()
+    if ws <= 1 and not (initialised and dist.get_world_size() > 1):
+        return _Dist(), device
+    if not dist.is_available():
+        raise RuntimeError(f"WORLD_SIZE={ws} but this torch build has no torch.distributed support.")
+    if device.type == "cuda" and "LOCAL_RANK" in os.environ:  # before init: nccl binds to it
+        device = torch.device("cuda", _env_int("LOCAL_RANK", 0))
+        torch.cuda.set_device(device)
+    created = False
+    if not initialised:
+        _init_process_group("nccl" if device.type == "cuda" else "gloo")
+        created = True
+    rank, world = dist.get_rank(), dist.get_world_size()
+    if device.type == "cuda" and "LOCAL_RANK" not in os.environ:
+        device = torch.device("cuda", rank % max(torch.cuda.device_count(), 1))
+        torch.cuda.set_device(device)
+    logger.info("Distributed training: rank %d of %d on %s (%s).", rank, world, device, dist.get_backend())
+    return _Dist(rank, world, created), device
+
+
+def _barrier(ctx: _Dist, device: torch.device) -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if ctx.world > 1:
+        import torch.distributed as dist
+
+        if device.type == "cuda":
+            dist.barrier(device_ids=[device.index])
+        else:
+            dist.barrier()
+
+
+def _all_sum(ctx: _Dist, values: torch.Tensor) -> torch.Tensor:
+    """Element-wise sum over the ranks (identity in a single process); the same result on every rank."""
+    if ctx.world > 1:
+        import torch.distributed as dist
+
+        values = values.clone()
+        dist.all_reduce(values, op=dist.ReduceOp.SUM)
+    return values
+
+
+def _from_rank0(ctx: _Dist, value: float, device: torch.device) -> float:
+    """Rank 0's ``value`` on every rank (so every rank takes rank 0's decisions)."""
+    if ctx.world == 1:
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.broadcast(t, src=0)
+    return float(t.item())
+
+
+def _rank_seed(seed: int, epoch: int, ctx: _Dist) -> int:
+    """Seed of this rank's crops, dropout and attack starts in ``epoch``: the epoch seed in a
+    single process (unchanged behaviour), a ``(seed, epoch, rank)`` stream under DDP."""
+    if ctx.world == 1:
+        return _epoch_seed(seed, epoch)
+    state = np.random.SeedSequence([int(seed), int(epoch), int(ctx.rank)]).generate_state(1)[0]
+    return int(state & 0x7FFFFFFF)
+
+
+def shard_indices(n: int, epoch_seed: int, rank: int, world_size: int) -> list[int]:
+    """The training cases of one rank in one epoch (``DistributedSampler(drop_last=True)`` style).
+
+    The permutation is the one a single-process run draws for the same epoch seed (torch's
+    ``DataLoader(shuffle=True, generator=torch.Generator().manual_seed(epoch_seed))``: one
+    ``int64`` base seed drawn from the generator, then ``torch.randperm``). Rank ``r`` gets
+    ``perm[r:n - n % world_size:world_size]``: the shares are disjoint, all of equal length
+    ``n // world_size`` (so every rank runs the same number of optimisation steps), and the
+    ``n mod world_size`` left-over cases change from epoch to epoch. Batch ``b`` of rank ``r`` with
+    ``B`` cases per rank then holds exactly the cases the single-process batch ``b`` of ``B *
+    world_size`` cases would hold when ``world_size`` divides ``n``.
+
+    Args:
+        n: number of training cases (>= world_size).
+        epoch_seed: the epoch's seed (shared by all ranks).
+        rank: this rank, in [0, world_size).
+        world_size: number of ranks (>= 1).
+
+    Returns:
+        Case indices of this rank, in visiting order.
+
+    Raises:
+        ValueError: ``world_size < 1``, ``rank`` outside [0, world_size) or ``n < world_size``.
+    """
+    if not _is_int(world_size) or world_size < 1:
+        raise ValueError(f"world_size must be an integer >= 1, got {world_size!r}.")
+    if not _is_int(rank) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an integer in [0, {world_size}), got {rank!r}.")
+    if not _is_int(n) or n < world_size:
+        raise ValueError(
+            f"n must be an integer >= world_size={world_size} (every rank needs a training case), got {n!r}."
+        )
+    g = torch.Generator().manual_seed(int(epoch_seed))
+    torch.empty((), dtype=torch.int64).random_(generator=g)  # the DataLoader iterator's base seed
+    perm = torch.randperm(n, generator=g).tolist()
+    return perm[rank : n - n % world_size : world_size]
+
+
+def _params_digest(module: nn.Module) -> str:
+    """SHA-256 of every parameter's bytes (CPU, in ``named_parameters`` order)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in module.named_parameters():
+        h.update(name.encode())
+        h.update(p.detach().to("cpu", copy=True).reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_ranks_in_sync(ctx: _Dist, module: nn.Module) -> None:
+    """Raise if the ranks' parameters differ at the end of DDP training (they never should)."""
+    if ctx.world == 1:
+        return
+    import torch.distributed as dist
+
+    digests: list[Optional[str]] = [None] * ctx.world
+    dist.all_gather_object(digests, _params_digest(module))
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"DDP ranks ended training with different parameters (SHA-256 per rank: {digests}).")
+
+
 # ----------------------------------------------------------------------------- evaluation
 
 
@@ -241,6 +437,65 @@ def validation_dice(
     return dice
 
 
+@torch.no_grad()
+def _sharded_validation_dice(
+    module: nn.Module,
+    val_ds: Any,
+    ctx: _Dist,
+    num_classes: int,
+    roi_size: list[int],
+    sw_batch_size: int,
+    overlap: float,
+    num_workers: int,
+    seed: int,
+    device: torch.device,
+) -> float:
+    """:func:`validation_dice` with case ``i`` evaluated on rank ``i mod world``.
+
+    Every rank fills its cases' rows of an ``(n_cases, 2, K - 1)`` table (foreground Dice per
+    class, and whether the class counted: present in the ground truth); one all-reduce sums the
+    tables, and every rank reduces the same table as MONAI's ``DiceMetric(reduction="mean")``
+    does: mean over counted classes per case, then mean over cases with at least one counted
+    class (``nan`` if none). ``module`` is the unwrapped network (no DDP hooks, so ranks may
+    evaluate different numbers of cases).
+
+    Shape:
+        image (1, C, H, W, D), label (1, 1, H, W, D) per case -> scalar.
+    """
+    from monai.data import DataLoader
+    from monai.inferers import sliding_window_inference
+    from monai.metrics import compute_dice
+    from monai.networks.utils import one_hot
+
+    n = len(val_ds)
+    mine = list(range(ctx.rank, n, ctx.world))
+    table = torch.zeros(n, 2, num_classes - 1, dtype=torch.float64, device=device)
+    loader = DataLoader(val_ds, batch_size=1, sampler=mine, num_workers=num_workers,
+                        generator=torch.Generator().manual_seed(seed))
+    was_training = module.training
+    module.eval()
+    try:
+        for i, batch in zip(mine, loader):
+            image = _as_tensor(batch["image"]).to(device)
+            label = _as_tensor(batch["label"]).to(device).long()
+            logits = sliding_window_inference(image, list(roi_size), sw_batch_size, module, overlap=overlap)
+            pred = one_hot(_as_tensor(logits).argmax(dim=1, keepdim=True), num_classes)
+            dice = compute_dice(pred, one_hot(label, num_classes), include_background=False, ignore_empty=True)[0]
+            counted = ~torch.isnan(dice)
+            table[i, 0] = torch.where(counted, dice, torch.zeros_like(dice)).double()
+            table[i, 1] = counted.double()
+    finally:
+        module.train(was_training)
+    table = _all_sum(ctx, table)
+    per_class, counted = table[:, 0], table[:, 1]
+    n_counted = counted.sum(dim=1)
+    keep = n_counted > 0
+    if not bool(keep.any()):
+        return math.nan
+    per_case = per_class.sum(dim=1)[keep] / n_counted[keep]
+    return float(per_case.mean().item())
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -283,10 +538,18 @@ def train(
     ``train_cfg.val_interval`` epochs and at the last epoch by sliding-window inference
     (see :func:`validation_dice`).
 
+    Under ``torchrun --nproc_per_node N`` (``WORLD_SIZE > 1``) the same call trains with
+    ``DistributedDataParallel``: the process group is created if needed (gloo on CPU, nccl on
+    CUDA) and destroyed at the end if this call created it, the cases of every epoch are
+    sharded across the ranks (:func:`shard_indices`), ``train_cfg.batch_size`` is per rank,
+    validation is sharded, and only rank 0 writes files (see the module docstring). With one
+    process the behaviour is exactly that of a plain single-process run.
+
     Args:
         model_cfg: registry name, channels (``out_channels`` = classes K) and kwargs.
-        train_cfg: epochs, batch size (cases per step; each yields ``num_samples`` crops),
-            lr and its schedule, weight decay, validation and sliding-window settings,
+        train_cfg: epochs, batch size (cases per step and rank; each yields ``num_samples``
+            crops), lr and its schedule, weight decay, validation and sliding-window settings,
+            ``amp`` (bfloat16 autocast on CPU, float16 + ``GradScaler`` on CUDA),
             ``init_checkpoint`` to fine-tune from, and ``adversary`` (``name: none`` trains
             clean; otherwise adversarial training, see ``volattack.defenses.adversarial``).
         data_cfg: the datalist and its split keys, and the preprocessing (spacing in mm,
@@ -295,39 +558,32 @@ def train(
         seed: seed of the model initialisation and of every random crop / shuffle; recorded
             in the log and the checkpoints.
         resume: continue from ``out_dir/last.pt`` (optimizer, epoch counter and best metric
-            restored; the remaining epochs replay as in an uninterrupted run). Without it an
-            existing ``last.pt`` is an error. A missing ``last.pt`` starts a new run.
-        progress: show a tqdm bar over epochs.
+            restored; the remaining epochs replay as in an uninterrupted run with the same
+            number of ranks). Without it an existing ``last.pt`` is an error. A missing
+            ``last.pt`` starts a new run.
+        progress: show a tqdm bar over epochs (rank 0 only).
 
     Returns:
         ``{"best_checkpoint": str, "best_dice": float, "epochs": int, "seconds": float,
-        "seed": int}``: ``epochs`` is the number of completed epochs, ``seconds`` the wall
-        time of this call, ``best_dice`` the best mean foreground validation Dice (``nan``
-        without validation cases; ``best.pt`` is then the final model).
+        "seed": int}`` (the same on every rank): ``epochs`` is the number of completed epochs,
+        ``seconds`` the wall time of this call, ``best_dice`` the best mean foreground
+        validation Dice (``nan`` without validation cases; ``best.pt`` is then the final model).
 
     Raises:
         ValueError: bad training values (epochs, batch_size, lr, ...), an empty training
-            split, an existing run without ``resume``, a resumed run whose model or seed
-            differs, a ``roi_size`` the model cannot process, or an ``init_checkpoint`` for
-            another architecture (before any training).
+            split (or fewer training cases than ranks), an existing run without ``resume``, a
+            resumed run whose model or seed differs, a ``roi_size`` the model cannot process, or
+            an ``init_checkpoint`` for another architecture (before any training).
         FileNotFoundError: missing datalist, data file or ``init_checkpoint``.
+        FloatingPointError: a non-finite mean training loss in an epoch.
     """
-    from monai.data import DataLoader
-    from monai.losses import DiceCELoss
-    from tqdm.auto import tqdm
-
-    from volattack.data.transforms import build_dataset, build_transforms
-
     t_start = time.perf_counter()
     validate_train_config(train_cfg, seed)
-    pre = data_cfg.preprocess
-    roi = [int(r) for r in pre.roi_size]
     if not data_cfg.datalist:
         raise ValueError(f"data.datalist must be the path of a datalist JSON, got {data_cfg.datalist!r}.")
     device = _resolve_device(getattr(train_cfg, "device", None))
     out = Path(out_dir)
-    last_path, best_path, log_path = out / LAST, out / BEST, out / LOG
-    if last_path.exists() and not resume:
+    if (out / LAST).exists() and not resume:
         raise ValueError(
             f"out_dir {str(out)!r} already holds a training run ({LAST}); pass --resume "
             f"(resume=True) to continue it or choose another output folder."
@@ -341,51 +597,106 @@ def train(
             f"at least one case is needed."
         )
     val_list = _load_split(data_cfg, data_cfg.val_key, optional=True)
-    if not val_list:
+
+    ctx, device = _setup_distributed(device)
+    try:
+        return _train(model_cfg, train_cfg, data_cfg, out, train_list, val_list, ctx, device,
+                      seed=seed, resume=resume, progress=progress, t_start=t_start)
+    finally:
+        if ctx.created:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _train(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    data_cfg: DataConfig,
+    out: Path,
+    train_list: list[dict[str, Any]],
+    val_list: list[dict[str, Any]],
+    ctx: _Dist,
+    device: torch.device,
+    *,
+    seed: int,
+    resume: bool,
+    progress: bool,
+    t_start: float,
+) -> dict[str, Any]:
+    """The body of :func:`train` once the data lists are read and the ranks are known."""
+    from monai.data import DataLoader
+    from monai.losses import DiceCELoss
+    from tqdm.auto import tqdm
+
+    from volattack.data.transforms import build_dataset, build_transforms
+
+    pre = data_cfg.preprocess
+    roi = [int(r) for r in pre.roi_size]
+    main = ctx.rank == 0
+    last_path, best_path, log_path = out / LAST, out / BEST, out / LOG
+    if len(train_list) < ctx.world:
+        raise ValueError(
+            f"The training split '{data_cfg.train_key}' of {data_cfg.datalist!r} has {len(train_list)} "
+            f"case(s), fewer than the {ctx.world} ranks; every rank needs at least one case."
+        )
+    if not val_list and main:
         logger.warning(
             "No validation cases under '%s' in %s: best.pt will be the final model.",
             data_cfg.val_key, data_cfg.datalist,
         )
 
-    # Model: seeded initialisation, then resume / fine-tune weights.
+    # Model: seeded initialisation (identical on every rank), then resume / fine-tune weights.
     with _private_rng(seed, torch.device("cpu")):
-        model = create_model(model_cfg.name, model_cfg.in_channels, model_cfg.out_channels, **model_cfg.kwargs)
-    model.to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+        net = create_model(model_cfg.name, model_cfg.in_channels, model_cfg.out_channels, **model_cfg.kwargs)
+    net.to(device)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
 
     start_epoch, best_dice, best_epoch = 0, -math.inf, 0
     history: list[dict[str, Any]] = []
     if resume and last_path.exists():
-        state = _load_resume_state(last_path, model, optimizer, model_cfg, seed, device)
+        state = _load_resume_state(last_path, net, optimizer, model_cfg, seed, device)
         start_epoch, best_dice, best_epoch, history = (
             state["epoch"], state["best_dice"], state["best_epoch"], state["history"],
         )
         for group in optimizer.param_groups:
             group["lr"], group["weight_decay"] = train_cfg.lr, train_cfg.weight_decay
-        logger.info("Resuming %s at epoch %d of %d.", last_path, start_epoch, train_cfg.epochs)
+        if state["world_size"] not in (None, ctx.world) and main:
+            logger.warning(
+                "%s was trained with %d rank(s), resumed with %d: the remaining epochs shard the "
+                "cases differently from an uninterrupted run.", last_path, state["world_size"], ctx.world,
+            )
+        if main:
+            logger.info("Resuming %s at epoch %d of %d.", last_path, start_epoch, train_cfg.epochs)
     else:
-        if resume:
+        if resume and main:
             logger.warning("resume requested but %s does not exist: starting a new run.", last_path)
         if train_cfg.init_checkpoint:
-            load_weights_into(model, train_cfg.init_checkpoint, map_location=device)
-            logger.info("Fine-tuning from %s.", train_cfg.init_checkpoint)
-    _check_roi(model, model_cfg, roi, device)
+            load_weights_into(net, train_cfg.init_checkpoint, map_location=device)
+            if main:
+                logger.info("Fine-tuning from %s.", train_cfg.init_checkpoint)
+    _check_roi(net, model_cfg, roi, device)
     # The adversary (train.adversary; "none" = clean training) is built before any data is
-    # cached, so a bad attack name or budget fails at once.
+    # cached, so a bad attack name or budget fails at once. It holds the unwrapped network:
+    # its eval-mode switch and input-gradient passes never touch DDP's hooks or buffers.
     from volattack.defenses.adversarial import adversarial_loss, build_adversary
 
     adv_cfg = train_cfg.adversary
-    attack = build_adversary(adv_cfg, model, bounds=(float(pre.b_min), float(pre.b_max)), seed=seed)
+    attack = build_adversary(adv_cfg, net, bounds=(float(pre.b_min), float(pre.b_max)), seed=seed)
 
     configs = {"model": asdict(model_cfg), "train": asdict(train_cfg), "data": asdict(data_cfg)}
-    out.mkdir(parents=True, exist_ok=True)
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
 
     def write_log() -> None:
+        if not main:
+            return
         finite_best = best_dice if math.isfinite(best_dice) else None
         _write_json_atomic(
             log_path,
             {
                 "seed": seed,
+                "world_size": ctx.world,
                 "epochs_completed": history[-1]["epoch"] if history else 0,
                 "best_dice": finite_best,
                 "best_epoch": best_epoch or None,
@@ -396,8 +707,10 @@ def train(
         )
 
     if start_epoch >= train_cfg.epochs:
-        logger.info("Run in %s already has %d epochs; nothing to train.", out, start_epoch)
+        if main:
+            logger.info("Run in %s already has %d epochs; nothing to train.", out, start_epoch)
         write_log()
+        _barrier(ctx, device)
         return _summary(out, best_dice, start_epoch, time.perf_counter() - t_start, seed)
 
     # Datasets (deterministic transforms cached when train_cfg.cache).
@@ -408,7 +721,20 @@ def train(
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
     scaler = torch.amp.GradScaler(device.type, enabled=use_amp and device.type == "cuda")
 
-    steps_per_epoch = math.ceil(len(train_ds) / train_cfg.batch_size)
+    model: nn.Module = net
+    cases_per_rank = len(train_ds)
+    if ctx.world > 1:
+        model = nn.parallel.DistributedDataParallel(
+            net, device_ids=[device.index] if device.type == "cuda" else None,
+        )
+        cases_per_rank = len(train_ds) // ctx.world
+        if main:
+            logger.info(
+                "DDP over %d ranks: %d case(s) per rank and epoch (%d left out per epoch), "
+                "global batch %d.", ctx.world, cases_per_rank, len(train_ds) % ctx.world,
+                train_cfg.batch_size * ctx.world,
+            )
+    steps_per_epoch = math.ceil(cases_per_rank / train_cfg.batch_size)
     total_steps = steps_per_epoch * train_cfg.epochs
     bar = tqdm(
         range(start_epoch + 1, train_cfg.epochs + 1),
@@ -416,21 +742,31 @@ def train(
         total=train_cfg.epochs,
         desc="train",
         unit="epoch",
-        disable=not progress,
+        disable=not progress or not main,
     )
     for epoch in bar:
         t_epoch = time.perf_counter()
         eseed = _epoch_seed(seed, epoch)
+        rseed = _rank_seed(seed, epoch, ctx)  # == eseed in a single process
         model.train()
         losses = []
-        with _private_rng(eseed, device):
-            loader = DataLoader(
-                train_ds,
-                batch_size=train_cfg.batch_size,
-                shuffle=True,
-                num_workers=train_cfg.num_workers,
-                generator=torch.Generator().manual_seed(eseed),
-            )
+        with _private_rng(rseed, device):
+            if ctx.world == 1:
+                loader = DataLoader(
+                    train_ds,
+                    batch_size=train_cfg.batch_size,
+                    shuffle=True,
+                    num_workers=train_cfg.num_workers,
+                    generator=torch.Generator().manual_seed(eseed),
+                )
+            else:  # the epoch's shared permutation, dealt to the ranks; crops from the rank's stream
+                loader = DataLoader(
+                    train_ds,
+                    batch_size=train_cfg.batch_size,
+                    sampler=shard_indices(len(train_ds), eseed, ctx.rank, ctx.world),
+                    num_workers=train_cfg.num_workers,
+                    generator=torch.Generator().manual_seed(rseed),
+                )
             for it, batch in enumerate(loader):
                 lr_now = scheduled_lr(
                     train_cfg.lr, train_cfg.lr_schedule, (epoch - 1) * steps_per_epoch + it, total_steps
@@ -446,49 +782,64 @@ def train(
                     else:  # examples crafted in eval mode; the attack restores train mode
                         loss, _terms = adversarial_loss(
                             model, image, label, attack, adv_cfg, loss_fn,
-                            seed=eseed * 100_003 + it,
+                            seed=rseed * 100_003 + it,
                         )
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 losses.append(float(loss.detach()))
-        mean_loss = float(np.mean(losses)) if losses else math.nan
+        if ctx.world == 1:
+            mean_loss = float(np.mean(losses)) if losses else math.nan
+        else:  # mean over every rank's steps (the same on all ranks)
+            total = _all_sum(ctx, torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=device))
+            mean_loss = float(total[0] / total[1]) if float(total[1]) > 0 else math.nan
         if not math.isfinite(mean_loss):
             raise FloatingPointError(f"Training loss is {mean_loss} at epoch {epoch}; lower train.lr ({train_cfg.lr}).")
 
         val_dice: Optional[float] = None
         if val_ds is not None and (epoch % train_cfg.val_interval == 0 or epoch == train_cfg.epochs):
-            val_loader = DataLoader(  # own generator: the global RNG is never drawn from
-                val_ds, batch_size=1, shuffle=False, num_workers=train_cfg.num_workers,
-                generator=torch.Generator().manual_seed(eseed),
-            )
             with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                val_dice = validation_dice(
-                    model, val_loader, model_cfg.out_channels, roi,
-                    train_cfg.sw_batch_size, train_cfg.sw_overlap, device,
-                )
+                if ctx.world == 1:
+                    val_loader = DataLoader(  # own generator: the global RNG is never drawn from
+                        val_ds, batch_size=1, shuffle=False, num_workers=train_cfg.num_workers,
+                        generator=torch.Generator().manual_seed(eseed),
+                    )
+                    val_dice = validation_dice(
+                        net, val_loader, model_cfg.out_channels, roi,
+                        train_cfg.sw_batch_size, train_cfg.sw_overlap, device,
+                    )
+                else:
+                    val_dice = _from_rank0(ctx, _sharded_validation_dice(
+                        net, val_ds, ctx, model_cfg.out_channels, roi, train_cfg.sw_batch_size,
+                        train_cfg.sw_overlap, train_cfg.num_workers, eseed, device,
+                    ), device)
             if math.isfinite(val_dice) and val_dice > best_dice:
                 best_dice, best_epoch = val_dice, epoch
-                save_checkpoint(
-                    best_path, model, model_cfg, epoch=epoch, best_dice=best_dice, seed=seed, kind="best",
-                    metrics={"val_dice": val_dice},
-                )
+                if main:
+                    save_checkpoint(
+                        best_path, net, model_cfg, epoch=epoch, best_dice=best_dice, seed=seed, kind="best",
+                        metrics={"val_dice": val_dice},
+                    )
         seconds = time.perf_counter() - t_epoch
         history.append({"epoch": epoch, "loss": mean_loss, "val_dice": val_dice, "seconds": round(seconds, 3)})
-        save_checkpoint(
-            last_path, model, model_cfg, epoch=epoch, seed=seed, kind="last",
-            best_dice=best_dice if math.isfinite(best_dice) else None, best_epoch=best_epoch,
-            optimizer=optimizer.state_dict(), history=history,
-        )
+        if main:
+            save_checkpoint(
+                last_path, net, model_cfg, epoch=epoch, seed=seed, kind="last",
+                best_dice=best_dice if math.isfinite(best_dice) else None, best_epoch=best_epoch,
+                optimizer=optimizer.state_dict(), history=history, world_size=ctx.world,
+            )
         write_log()
-        val_txt = f" val_dice {val_dice:.4f}" if val_dice is not None else ""
-        logger.info("epoch %d/%d loss %.4f%s (%.1fs)", epoch, train_cfg.epochs, mean_loss, val_txt, seconds)
+        if main:
+            val_txt = f" val_dice {val_dice:.4f}" if val_dice is not None else ""
+            logger.info("epoch %d/%d loss %.4f%s (%.1fs)", epoch, train_cfg.epochs, mean_loss, val_txt, seconds)
         bar.set_postfix(loss=f"{mean_loss:.3f}", dice=f"{best_dice:.3f}" if math.isfinite(best_dice) else "-")
     bar.close()
 
-    if best_epoch == 0:  # no validation case, or no foreground in any: keep the final model
+    if best_epoch == 0 and main:  # no validation case, or no foreground in any: keep the final model
         logger.warning("No finite validation Dice; %s is the final model.", best_path)
-        save_checkpoint(best_path, model, model_cfg, epoch=train_cfg.epochs, best_dice=None, seed=seed, kind="best")
+        save_checkpoint(best_path, net, model_cfg, epoch=train_cfg.epochs, best_dice=None, seed=seed, kind="best")
+    _check_ranks_in_sync(ctx, net)
+    _barrier(ctx, device)  # no rank returns (and reads best.pt) before rank 0 has written it
     return _summary(out, best_dice, train_cfg.epochs, time.perf_counter() - t_start, seed)
 
 
@@ -546,7 +897,9 @@ def _load_resume_state(
     load_weights_into(model, path, map_location=device)
     optimizer.load_state_dict(ckpt["optimizer"])
     best = ckpt.get("best_dice")
+    ws = ckpt.get("world_size")
     return {
+        "world_size": int(ws) if ws is not None else None,
         "epoch": int(ckpt["epoch"]),
         "best_dice": float(best) if best is not None else -math.inf,
         "best_epoch": int(ckpt.get("best_epoch") or 0),
