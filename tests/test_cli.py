@@ -141,3 +141,15 @@ def test_bundle_is_refused_without_trust_bundle(tmp_path, capsys):
     assert main(["evaluate", str(cfg)]) == 1
     err = capsys.readouterr().err
     assert "--trust-bundle" in err and "bundle" in err
+
+
+def test_only_rank_zero_prints_under_torchrun(monkeypatch, capsys):
+    """Under torchrun every rank runs the command; tables and paths are printed once (rank 0)."""
+    from volattack import cli
+
+    monkeypatch.setenv("RANK", "1")
+    cli._out("table\n")
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("RANK", "0")
+    cli._out("table\n")
+    assert capsys.readouterr().out == "table\n"

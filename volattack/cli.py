@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
@@ -110,24 +111,30 @@ def cmd_phantoms(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _out(text: str) -> None:
+    """Write to stdout on rank 0 only (under ``torchrun`` every rank runs the same command)."""
+    if os.environ.get("RANK", "0") == "0":
+        sys.stdout.write(text)
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from volattack.pipeline import ensure_phantoms, load_run_config, run_train
 
-    cfg = ensure_phantoms(load_run_config(args.config, args.overrides))
+    cfg = ensure_phantoms(load_run_config(args.config, args.overrides), progress=not args.quiet)
     out = _out_dir(args, cfg)
     summary = run_train(cfg, out, resume=args.resume, progress=not args.quiet)
-    sys.stdout.write(f"best validation Dice {summary['best_dice']:.3f}; checkpoint: {summary['best_checkpoint']}\n")
+    _out(f"best validation Dice {summary['best_dice']:.3f}; checkpoint: {summary['best_checkpoint']}\n")
     return EXIT_OK
 
 
 def _finish_eval(results: dict, out: Path) -> int:
     from volattack.evaluation.report import markdown_table
 
-    sys.stdout.write(markdown_table(results) + "\n\n")
+    _out(markdown_table(results) + "\n\n")
     for c in results.get("sanity") or []:
         if c["status"] == "warn":
-            sys.stdout.write(f"WARNING sanity check {c['check']}: {c['detail']}\n")
-    sys.stdout.write(f"report: {out / 'report.md'}\n")
+            _out(f"WARNING sanity check {c['check']}: {c['detail']}\n")
+    _out(f"report: {out / 'report.md'}\n")
     if results.get("failed"):
         for f in results["failed"]:
             sys.stderr.write(f"volattack: case {f['case']} failed: {f['reason']}\n")
@@ -186,12 +193,12 @@ def cmd_study(args: argparse.Namespace) -> int:
 
     study = run_study(args.config, args.out, overrides=args.overrides, trust_bundle=args.trust_bundle,
                       progress=not args.quiet)
-    sys.stdout.write(dice_table(study["rows"]) + "\n\n")
+    _out(dice_table(study["rows"]) + "\n\n")
     for name, res in study["results"].items():
         for c in res.get("sanity") or []:
             if c["status"] == "warn":
-                sys.stdout.write(f"WARNING {name}: sanity check {c['check']}: {c['detail']}\n")
-    sys.stdout.write(f"comparison: {study['files']['md']}\n")
+                _out(f"WARNING {name}: sanity check {c['check']}: {c['detail']}\n")
+    _out(f"comparison: {study['files']['md']}\n")
     failed = [(name, f) for name, res in study["results"].items() for f in res.get("failed") or []]
     for name, f in failed:
         sys.stderr.write(f"volattack: variant {name}: case {f['case']} failed: {f['reason']}\n")
@@ -243,8 +250,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # OpenMP threads that spin while waiting make torch up to tens of times slower when other
     # processes share the cores; passive waiting costs nothing on an idle machine. Must be set
     # before torch is imported (the parser above does not import it).
-    import os
-
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from volattack.configs import ConfigError
 

@@ -29,8 +29,9 @@ def load_run_config(path: Optional[str], overrides: list[str] | tuple[str, ...] 
     return from_dict(RunConfig, raw)
 
 
-def ensure_phantoms(cfg: RunConfig) -> RunConfig:
-    """Generate the configured phantoms unless the same ones exist; point ``data.datalist`` at them."""
+def ensure_phantoms(cfg: RunConfig, *, progress: bool = True) -> RunConfig:
+    """Generate the configured phantoms unless the same ones exist; point ``data.datalist`` at them
+    (``progress``: show a progress bar while generating)."""
     if cfg.phantoms is None:
         return cfg
     from volattack.data.phantoms import make_phantom_dataset
@@ -44,7 +45,7 @@ def ensure_phantoms(cfg: RunConfig) -> RunConfig:
         logger.info("generating %d+%d+%d phantoms in %s", p.n, p.n_val, p.n_test, out)
         datalist = make_phantom_dataset(
             out, n=p.n, size=tuple(p.size), seed=p.seed, n_val=p.n_val, n_test=p.n_test,
-            spacing=p.spacing, phantom_kwargs=p.phantom_kwargs,
+            spacing=p.spacing, phantom_kwargs=p.phantom_kwargs, progress=progress,
         )
         atomic_write_json(marker, params)
     else:
@@ -119,7 +120,7 @@ def run_benchmark(cfg: RunConfig, out_dir: Path, *, trust_bundle: bool = False,
                   progress: bool = True) -> dict[str, Any]:
     """The whole pipeline: phantoms (if configured), training (resumed if interrupted, skipped
     if finished), evaluation (finished cases reused). Returns the evaluation results."""
-    cfg = ensure_phantoms(cfg)
+    cfg = ensure_phantoms(cfg, progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
     ckpt = cfg.evaluate.checkpoint

@@ -714,8 +714,10 @@ def _train(
         return _summary(out, best_dice, start_epoch, time.perf_counter() - t_start, seed)
 
     # Datasets (deterministic transforms cached when train_cfg.cache).
-    train_ds = build_dataset(train_list, build_transforms(pre, mode="train", seed=seed), train_cfg.cache)
-    val_ds = build_dataset(val_list, build_transforms(pre, mode="eval", seed=seed), train_cfg.cache) if val_list else None
+    train_ds = build_dataset(train_list, build_transforms(pre, mode="train", seed=seed), train_cfg.cache,
+                             progress=progress and main)
+    val_ds = (build_dataset(val_list, build_transforms(pre, mode="eval", seed=seed), train_cfg.cache,
+                            progress=progress and main) if val_list else None)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     use_amp = bool(train_cfg.amp)
     amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16

@@ -544,6 +544,7 @@ def make_phantom_dataset(
     n_test: int = 4,
     spacing: Optional[Sequence[float]] = None,
     phantom_kwargs: Optional[Mapping[str, Any]] = None,
+    progress: bool = True,
 ) -> Path:
     """Write a phantom dataset (NIfTI volumes and an MSD-style ``dataset.json``).
 
@@ -598,7 +599,7 @@ def make_phantom_dataset(
     total = n + n_val + n_test
     width = max(3, len(str(total - 1)))
     entries: list[dict[str, str]] = []
-    for i in tqdm(range(total), desc="phantoms", unit="case", disable=total < 4, leave=False):
+    for i in tqdm(range(total), desc="phantoms", unit="case", disable=not progress or total < 4, leave=False):
         ph = generate_phantom(case_seed(seed, i), size, spacing, **kwargs)
         name = f"case_{i:0{width}d}.nii.gz"
         write_nifti(ph.image, out / "imagesTr" / name, ph.affine, dtype=np.float32)

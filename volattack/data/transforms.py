@@ -376,6 +376,7 @@ def build_dataset(
     cache: bool = False,
     cache_rate: float = 1.0,
     num_workers: int = 0,
+    progress: bool = True,
 ) -> Dataset:
     """Wrap a datalist and its transforms into a MONAI dataset.
 
@@ -389,6 +390,7 @@ def build_dataset(
         cache: cache deterministic results in memory.
         cache_rate: fraction of cases to cache, in ``(0, 1]`` (only with ``cache``).
         num_workers: threads used to fill the cache (0: in the calling thread).
+        progress: show a progress bar while caching (8 or more cases).
 
     Returns:
         A ``Dataset`` (or ``CacheDataset``) whose items are the transformed samples.
@@ -412,7 +414,7 @@ def build_dataset(
         transform=transforms,
         cache_rate=float(cache_rate),
         num_workers=num_workers or None,
-        progress=len(data) >= 8,
+        progress=bool(progress) and len(data) >= 8,
     )
 
 
