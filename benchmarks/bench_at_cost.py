@@ -2,7 +2,7 @@
 clean epoch on the same data and model, measured side by side in one run (interleaved
 repetitions, median ratio).
 
-One epoch = the loop body of ``volattack.training.train`` over every training case once:
+One epoch = ``volattack.training.train_epoch`` (the loop body of ``train``) over every training case once:
 a seeded ``DataLoader`` over the cached training set (random pos/neg crops of ``--roi``
 voxels, ``num_samples`` per case, ``--batch-size`` cases per step), per step
 ``volattack.defenses.adversarial.adversarial_loss`` with the adversary from
@@ -90,11 +90,6 @@ def settings(steps: list[int], mixed: bool) -> list[Setting]:
     return out
 
 
-def _plain(x: Any) -> torch.Tensor:
-    """MetaTensor -> plain tensor, as ``volattack.training`` does before the forward pass."""
-    return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
-
-
 class EpochRunner:
     """Runs one training epoch with a given adversary from a fixed initial state, timed."""
 
@@ -135,42 +130,42 @@ class EpochRunner:
         """(wall seconds of the epoch, seconds spent waiting for batches) from the initial weights."""
         from monai.data import DataLoader
 
-        from volattack.defenses.adversarial import adversarial_loss
+        from volattack.training import train_epoch
 
         attack = self.attack(setting)
         self.model.load_state_dict(self.init_state)
         self.model.train()
         optimizer = torch.optim.AdamW(self.model.parameters(), lr=1e-3, weight_decay=1e-5)
-        loader = DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, num_workers=0,
-                            generator=torch.Generator().manual_seed(epoch_seed))
-        data_s = 0.0
+        loader = _TimedLoader(DataLoader(self.dataset, batch_size=self.batch_size, shuffle=True, num_workers=0,
+                                         generator=torch.Generator().manual_seed(epoch_seed)))
         with torch.random.fork_rng():
             torch.manual_seed(epoch_seed)
             t0 = time.perf_counter()
-            it = iter(loader)
-            step = 0
-            while True:
-                td = time.perf_counter()
-                try:
-                    batch = next(it)
-                except StopIteration:
-                    break
-                data_s += time.perf_counter() - td
-                image = _plain(batch["image"])
-                label = _plain(batch["label"]).long()
-                optimizer.zero_grad(set_to_none=True)
-                if attack is None:  # as in train(): the plain Dice-CE loss
-                    loss = self.loss_fn(self.model(image), label)
-                else:
-                    loss, _ = adversarial_loss(self.model, image, label, attack, setting.adversary, self.loss_fn,
-                                               seed=epoch_seed * 100_003 + step)
-                loss.backward()
-                optimizer.step()
-                step += 1
+            losses = train_epoch(self.model, loader, optimizer, self.loss_fn, device=torch.device("cpu"),
+                                 attack=attack, adv_cfg=setting.adversary, seed=epoch_seed)
             seconds = time.perf_counter() - t0
-        if not math.isfinite(float(loss.detach())):
+        if not all(math.isfinite(v) for v in losses):
             raise FloatingPointError(f"{setting.label}: non-finite training loss.")
-        return seconds, data_s
+        return seconds, loader.seconds
+
+
+class _TimedLoader:
+    """Iterates a loader and adds up the time spent waiting for its batches."""
+
+    def __init__(self, loader: Any) -> None:
+        self.loader = loader
+        self.seconds = 0.0
+
+    def __iter__(self):
+        it = iter(self.loader)
+        while True:
+            t = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.seconds += time.perf_counter() - t
+            yield batch
 
 
 def main(argv: Optional[list[str]] = None) -> None:
@@ -235,7 +230,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         f"One epoch over {ncases} phantoms ({'x'.join(map(str, args.size))}): {n_steps} AdamW step(s) of "
         f"{args.batch_size} cases x {args.num_samples} random crops of {roi} voxels (MONAI Dice-CE), "
         f"MONAI UNet (16, 32, 64, 128), strides (2, 2, 2), 1 residual unit ({nparams / 1e6:.2f} M parameters); "
-        "the loop body of `volattack.training.train` (`adversarial_loss` with `build_adversary`), "
+        "`volattack.training.train_epoch` (the loop body of `train`: `adversarial_loss` with `build_adversary`), "
         "validation and checkpoint I/O excluded, weights and optimizer reset before every epoch. "
         f"Median over {args.reps} interleaved repetitions (clean epoch, adversarial epoch, ...), ratio to the "
         f"adjacent clean epoch. Clean epoch: median {med(clean_s):.2f} s, of which {med(clean_data):.2f} s "

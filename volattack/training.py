@@ -40,20 +40,21 @@ import json
 import logging
 import math
 import os
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from volattack.data.config import DataConfig
+from volattack.defenses.config import AdversaryConfig
 from volattack.models.checkpoint import load_weights_into, read_checkpoint, save_checkpoint
 from volattack.models.config import ModelConfig, TrainConfig
 from volattack.models.zoo import create_model
+from volattack.utils import atomic_write_json, versions
 
 logger = logging.getLogger(__name__)
 
@@ -152,19 +153,6 @@ def _resolve_device(name: Optional[str]) -> torch.device:
         return torch.device(name)
     except RuntimeError as e:
         raise ValueError(f"train.device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}.") from e
-
-
-def _write_json_atomic(path: Path, data: Any) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, allow_nan=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def _datalist_keys(path: Union[str, os.PathLike]) -> Optional[set[str]]:
@@ -679,7 +667,7 @@ def _train(
     # The adversary (train.adversary; "none" = clean training) is built before any data is
     # cached, so a bad attack name or budget fails at once. It holds the unwrapped network:
     # its eval-mode switch and input-gradient passes never touch DDP's hooks or buffers.
-    from volattack.defenses.adversarial import adversarial_loss, build_adversary
+    from volattack.defenses.adversarial import build_adversary
 
     adv_cfg = train_cfg.adversary
     attack = build_adversary(adv_cfg, net, bounds=(float(pre.b_min), float(pre.b_max)), seed=seed)
@@ -692,7 +680,7 @@ def _train(
         if not main:
             return
         finite_best = best_dice if math.isfinite(best_dice) else None
-        _write_json_atomic(
+        atomic_write_json(
             log_path,
             {
                 "seed": seed,
@@ -700,7 +688,7 @@ def _train(
                 "epochs_completed": history[-1]["epoch"] if history else 0,
                 "best_dice": finite_best,
                 "best_epoch": best_epoch or None,
-                "versions": _versions(),
+                "versions": versions(),
                 "config": configs,
                 "history": history,
             },
@@ -751,7 +739,6 @@ def _train(
         eseed = _epoch_seed(seed, epoch)
         rseed = _rank_seed(seed, epoch, ctx)  # == eseed in a single process
         model.train()
-        losses = []
         with _private_rng(rseed, device):
             if ctx.world == 1:
                 loader = DataLoader(
@@ -769,27 +756,13 @@ def _train(
                     num_workers=train_cfg.num_workers,
                     generator=torch.Generator().manual_seed(rseed),
                 )
-            for it, batch in enumerate(loader):
-                lr_now = scheduled_lr(
+            losses = train_epoch(
+                model, loader, optimizer, loss_fn, device=device, attack=attack, adv_cfg=adv_cfg,
+                lr_at=lambda it: scheduled_lr(
                     train_cfg.lr, train_cfg.lr_schedule, (epoch - 1) * steps_per_epoch + it, total_steps
-                )
-                for group in optimizer.param_groups:
-                    group["lr"] = lr_now
-                image = _as_tensor(batch["image"]).to(device)
-                label = _as_tensor(batch["label"]).to(device).long()
-                optimizer.zero_grad(set_to_none=True)
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=use_amp):
-                    if attack is None:
-                        loss = loss_fn(model(image), label)
-                    else:  # examples crafted in eval mode; the attack restores train mode
-                        loss, _terms = adversarial_loss(
-                            model, image, label, attack, adv_cfg, loss_fn,
-                            seed=rseed * 100_003 + it,
-                        )
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                losses.append(float(loss.detach()))
+                ),
+                amp_dtype=amp_dtype if use_amp else None, scaler=scaler, seed=rseed,
+            )
         if ctx.world == 1:
             mean_loss = float(np.mean(losses)) if losses else math.nan
         else:  # mean over every rank's steps (the same on all ranks)
@@ -845,6 +818,70 @@ def _train(
     return _summary(out, best_dice, train_cfg.epochs, time.perf_counter() - t_start, seed)
 
 
+def train_epoch(
+    model: nn.Module,
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    *,
+    device: torch.device,
+    attack: Optional[Any] = None,
+    adv_cfg: Optional[AdversaryConfig] = None,
+    lr_at: Optional[Callable[[int], float]] = None,
+    amp_dtype: Optional[torch.dtype] = None,
+    scaler: Optional[Any] = None,
+    seed: int = 0,
+) -> list[float]:
+    """One pass over ``loader``: per batch, the clean loss (``attack`` None) or
+    :func:`~volattack.defenses.adversarial.adversarial_loss` (PGD-AT, fast AT, VAFT ...), backward
+    and an optimiser step. This is the loop body of :func:`train` (also under DDP, where ``model``
+    is the DDP wrapper); benchmarks time it directly.
+
+    Args:
+        model: the segmenter (or its DDP wrapper), in train mode.
+        loader: yields ``{"image": (B, C, H, W, D), "label": (B, 1, H, W, D)}`` batches.
+        optimizer: updates ``model``'s parameters.
+        loss_fn: e.g. MONAI ``DiceCELoss(to_onehot_y=True, softmax=True)``.
+        device: where batches are moved.
+        attack: the adversary from ``build_adversary`` (None: clean training); it must hold the
+            unwrapped module.
+        adv_cfg: ``train.adversary`` (weights and share), required with ``attack``.
+        lr_at: learning rate of the ``it``-th step of this epoch (None keeps the optimiser's).
+        amp_dtype: autocast dtype (None: no autocast).
+        scaler: a ``torch.amp.GradScaler`` (None: plain backward and step).
+        seed: base seed of this epoch's attack calls (step ``it`` uses ``seed * 100003 + it``).
+
+    Returns:
+        The loss of every step, as floats.
+    """
+    from volattack.defenses.adversarial import adversarial_loss
+
+    losses: list[float] = []
+    for it, batch in enumerate(loader):
+        if lr_at is not None:
+            lr_now = lr_at(it)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_now
+        image = _as_tensor(batch["image"]).to(device)
+        label = _as_tensor(batch["label"]).to(device).long()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            if attack is None:
+                loss = loss_fn(model(image), label)
+            else:  # examples crafted in eval mode; the attack restores train mode
+                loss, _terms = adversarial_loss(model, image, label, attack, adv_cfg, loss_fn,
+                                                seed=seed * 100_003 + it)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
 def _summary(out: Path, best_dice: float, epochs: int, seconds: float, seed: int) -> dict[str, Any]:
     return {
         "best_checkpoint": str(out / BEST),
@@ -853,18 +890,6 @@ def _summary(out: Path, best_dice: float, epochs: int, seconds: float, seed: int
         "seconds": float(seconds),
         "seed": int(seed),
     }
-
-
-def _versions() -> dict[str, str]:
-    import monai
-
-    try:
-        from importlib.metadata import version
-
-        vol = version("volattack")
-    except Exception:  # noqa: BLE001 - not installed as a distribution
-        vol = "unknown"
-    return {"volattack": vol, "torch": torch.__version__, "monai": monai.__version__}
 
 
 def _load_resume_state(
