@@ -141,6 +141,7 @@ def test_adversarial_training_resumes_from_the_last_epoch(tmp_path):
     ({"name": "vafa", "fr_weight": 1.0}, 1.0),                # VAFT keeps L_dice(M(X), Y)
     ({"name": "pgd", "share": 0.5}, 1.0),                     # the unattacked half must count
     ({"name": "pgd", "clean_weight": 0.25}, 0.25),            # explicit value kept
+    ({"name": "none"}, 1.0),                                  # clean training is the clean term
 ])
 def test_clean_weight_default_follows_the_published_recipe(kwargs, expected):
     assert AdversaryConfig(**kwargs).clean_weight == expected

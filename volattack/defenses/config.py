@@ -18,7 +18,7 @@ class AdversaryConfig:
             ``"4/255"`` are accepted).
         share: fraction of each batch (first samples) that also gets an adversarial copy, in [0, 1].
         clean_weight: weight of the segmentation loss on the clean batch. ``None`` (default) follows
-            the published recipes: 0 when ``fr_weight`` is 0 and ``share`` is 1 (PGD-AT, Madry et al.
+            the published recipes: 0 for an adversary with ``fr_weight`` 0 and ``share`` 1 (PGD-AT, Madry et al.
             2018, and fast AT, Wong et al. 2020, train on the adversarial examples only, so an epoch
             costs ``steps + 1`` passes), otherwise 1 (VAFT keeps ``L_dice(M(X), Y)``; with a partial
             share the clean term is what makes the unattacked samples count). Resolved to a number
@@ -44,7 +44,8 @@ class AdversaryConfig:
         if not (0.0 <= self.share <= 1.0):
             raise ValueError(f"adversary.share must be in [0, 1], got {self.share}.")
         if self.clean_weight is None:
-            self.clean_weight = 0.0 if (self.fr_weight == 0 and self.share == 1) else 1.0
+            adv_only = self.name != "none" and self.fr_weight == 0 and self.share == 1
+            self.clean_weight = 0.0 if adv_only else 1.0
         for k in ("clean_weight", "adv_weight", "fr_weight"):
             v = getattr(self, k)
             if v < 0:
