@@ -422,3 +422,22 @@ def test_cached_patch_ssim_matches_monai_value_and_gradient(block, win):
     assert ga.abs().max() > 0
     assert torch.allclose(ga, gb, atol=1e-6, rtol=1e-4)
     assert torch.allclose(PatchSSIM(ref, win_size=win)(ref), torch.ones(2), atol=1e-6)
+
+
+@pytest.mark.parametrize("shape,win", [((2, 1, 20, 18, 9), 7), ((1, 2, 16, 16, 16), 3), ((1, 1, 12, 10, 6), 11)])
+def test_reported_ssim_equals_monai(shape, win):
+    """The SSIM every attack reports (separable einsum window) equals MONAI's compute_ssim_and_cs."""
+    from monai.metrics.regression import compute_ssim_and_cs
+
+    from volattack.attacks.base import ssim
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(shape, generator=g)
+    y = x + 0.1 * torch.randn(shape, generator=g)
+    w = min(win, *shape[2:])
+    w -= 1 - w % 2
+    ref, _ = compute_ssim_and_cs(y, x, 3, [w] * 3, [1.5] * 3, data_range=2.0)
+    got = ssim(x, y, data_range=2.0, win_size=win)
+    assert got.shape == (shape[0],)
+    assert torch.allclose(got, ref.flatten(1).mean(dim=1), atol=1e-6)
+    assert torch.allclose(ssim(x, x), torch.ones(shape[0]), atol=1e-6)

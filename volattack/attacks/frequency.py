@@ -24,7 +24,7 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from volattack.attacks.base import Attack, _check_number, register_attack, _check_choice
+from volattack.attacks.base import Attack, _check_choice, _check_number, _gaussian_taps, _valid_filter3, register_attack
 from volattack.attacks.objectives import check_objective, objective_per_sample
 from volattack.attacks.spectral import (
     _check_band,
@@ -94,40 +94,12 @@ def patch_ssim(
     return s.reshape(bsz, -1).mean(dim=1)
 
 
-def _gaussian_taps(win_size: int, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Normalised sampled 1D gaussian ``exp(-d^2 / (2 sigma^2))``, ``d`` centred (MONAI's SSIM window).
-
-    Shape:
-        ``(win_size,)``.
-    """
-    d = torch.arange(win_size, dtype=torch.float64) - (win_size - 1) / 2.0
-    w = torch.exp(-(d**2) / (2.0 * sigma**2))
-    return (w / w.sum()).to(device=device, dtype=dtype)
-
-
-def _valid_filter3(t: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
-    """Separable "valid" filtering of the last three axes by ``taps`` (a loop over the few taps
-    and three axes only, never over voxels or blocks).
-
-    Shape:
-        ``(..., b1, b2, b3)`` -> ``(..., b1 - w + 1, b2 - w + 1, b3 - w + 1)`` with ``w = len(taps)``.
-    """
-    w = taps.numel()
-    for dim in (-3, -2, -1):
-        n = t.shape[dim] - w + 1
-        acc = t.narrow(dim, 0, n) * taps[0]
-        for i in range(1, w):
-            acc = acc + t.narrow(dim, i, n) * taps[i]
-        t = acc
-    return t
-
-
 class PatchSSIM:
     """:func:`patch_ssim` against a fixed reference, with the reference's local statistics cached.
 
     The attacks compare every candidate with the same clean blocks, so ``mu_x`` and ``sigma_x^2``
     are computed once; each call filters only ``y``, ``y^2`` and ``x * y``, with the separable
-    gaussian window applied as three 1D passes on the blocks. Same value and gradient as
+    gaussian window applied as one ``einsum`` with a banded matrix per axis. Same value and gradient as
     :func:`patch_ssim` (MONAI ``compute_ssim_and_cs``) to float precision (tested); it exists
     because it makes the per-step SSIM about 40% cheaper (benchmarks/bench_overhead.py).
 
