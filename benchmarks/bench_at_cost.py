@@ -45,7 +45,7 @@ from typing import Any, Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchmarks_results import add_results_args, refuse_quick_write  # noqa: E402
+from benchmarks_results import add_results_args, emit, refuse_quick_write  # noqa: E402
 
 SECTION = "Adversarial training cost"
 EPS = 4 / 255  # PGD-AT / fast AT budget of the papers on Synapse CT
@@ -258,12 +258,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         "(clean and adversarial): the `clean_weight 1` rows are held to (attack steps + 2) x 1.1, VAFT to the "
         "issue's target.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        from benchmarks_results import replace_section
-
-        replace_section(SECTION, text, args.results)
+    emit(SECTION, lines, args)
 
 
 if __name__ == "__main__":

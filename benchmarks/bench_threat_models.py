@@ -34,7 +34,7 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchmarks_results import add_results_args, refuse_quick_write  # noqa: E402
+from benchmarks_results import add_results_args, emit, refuse_quick_write  # noqa: E402
 
 SECTION = "Threat models: volume vs patch"
 EPS = 4 / 255
@@ -64,7 +64,7 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--cases", type=int, default=2, help="test phantoms attacked")
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--train-cases", type=int, default=16)
-    ap.add_argument("--train-epochs", type=int, default=12)
+    ap.add_argument("--train-epochs", type=int, default=25)
     ap.add_argument("--work", default=None, help="folder for phantoms and model (default: temporary)")
     add_results_args(ap)
     args = ap.parse_args(argv)
@@ -177,12 +177,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         "the `patch` gradient runs one forward and backward per non-overlapping tile, but optimises each tile "
         "against the bare model, not against the stitched prediction that is scored.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        from benchmarks_results import replace_section
-
-        replace_section(SECTION, text, args.results)
+    emit(SECTION, lines, args)
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchmarks_results import add_results_args, refuse_quick_write  # noqa: E402
+from benchmarks_results import add_results_args, emit, refuse_quick_write  # noqa: E402
 
 SECTION = "torchrun evaluation throughput"
 MODEL_KWARGS = {"channels": [16, 32, 64, 128], "strides": [2, 2, 2], "num_res_units": 1}
@@ -161,8 +161,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--roi", type=int, nargs=3, default=[32, 32, 32], help="training crop and window (voxels)")
     ap.add_argument("--steps", type=int, default=5, help="PGD steps")
     ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--train-cases", type=int, default=16)
-    ap.add_argument("--train-epochs", type=int, default=8)
+    ap.add_argument("--train-cases", type=int, default=32)
+    ap.add_argument("--train-epochs", type=int, default=25)
     ap.add_argument("--work", default=None, help="folder for phantoms, model and runs (default: temporary)")
     add_results_args(ap)
     args = ap.parse_args(argv)
@@ -233,12 +233,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         f"(clean and PGD, every pair of runs) {parity:.3g}; between repetitions of the same run {repeat:.3g}. "
         f"Mean Dice: clean {clean:.3f}, PGD {adv:.3f}.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        from benchmarks_results import replace_section
-
-        replace_section(SECTION, text, args.results)
+    emit(SECTION, lines, args)
 
 
 if __name__ == "__main__":

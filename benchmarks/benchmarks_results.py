@@ -41,3 +41,11 @@ def refuse_quick_write(ap, args) -> None:
     """A ``--quick`` smoke run may write only to a results file other than benchmarks/RESULTS.md."""
     if args.quick and args.write and Path(args.results).resolve() == RESULTS.resolve():
         ap.error("--quick timings are meaningless: pass --results PATH (not benchmarks/RESULTS.md) with --write.")
+
+
+def emit(section: str, lines: list[str], args) -> None:
+    """Print the section's text and, with ``--write``, replace it in ``--results``."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write:
+        replace_section(section, text, args.results)

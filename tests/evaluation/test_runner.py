@@ -139,6 +139,38 @@ def test_failed_case_is_reported_and_the_others_go_on(tiny_run, tmp_path):
     assert not list((tmp_path / "out").rglob("*.tmp"))
 
 
+def test_tile_larger_than_the_volume_fails_the_case_with_the_reason(tiny_run, tmp_path):
+    """Volumes are 24x24x16: a patch tile that does not fit would attack padding."""
+    _, _, _, write_cfg = tiny_run
+    cfg = write_cfg("toolarge")
+    r = _cli("evaluate", str(cfg), "--quiet", "--set", "evaluate.threat_model=patch",
+             "--set", "evaluate.patch_size=[16, 16, 20]", "--out", str(tmp_path / "out"))
+    assert r.returncode == 1, r.stderr
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert res["cases"] == [] and len(res["failed"]) == 3
+    assert all("attack tile evaluate.patch_size=[16, 16, 20] is larger than the preprocessed volume [24, 24, 16]"
+               in f["reason"] for f in res["failed"])
+
+
+def test_window_larger_than_the_volume_pads_with_b_min_as_training_does():
+    """A volume smaller than the sliding window is scored as training sees such volumes: padded
+    with b_min (here -1), not with 0."""
+    from volattack.evaluation.runner import make_inferer
+
+    seen = []
+
+    def net(w):
+        seen.append(w.detach().clone())
+        return torch.cat([w, -w], dim=1)
+
+    x = torch.zeros(1, 1, 6, 8, 8)
+    make_inferer([8, 8, 8], 1, 0.25, cval=-1.0)(x, net)
+    assert seen and float(seen[0].min()) == -1.0 and float(seen[0].max()) == 0.0
+    w = seen[0][0, 0]
+    assert w.shape == (8, 8, 8) and int((w == -1.0).sum()) == 2 * 8 * 8  # one padded slab each side
+    assert bool((w[0] == -1.0).all()) and bool((w[-1] == -1.0).all()) and bool((w[1:-1] == 0).all())
+
+
 def test_resume_after_kill_9(tiny_run):
     root, _, _, write_cfg = tiny_run
     cfg = write_cfg("resume", sanity_checks=False)

@@ -132,17 +132,21 @@ def _dist_info() -> tuple[int, int]:
     return dist.get_rank(), dist.get_world_size()
 
 
-def make_inferer(roi: Sequence[int], sw_batch_size: int, overlap: float) -> Any:
-    """Sliding-window inferer with exact, memory-bounded input gradients when available
-    (``volattack.attacks.sliding.WindowedInferer``), else MONAI's ``SlidingWindowInferer``."""
-    try:
-        from volattack.attacks.sliding import WindowedInferer
+def make_inferer(roi: Sequence[int], sw_batch_size: int, overlap: float, cval: float = 0.0) -> Any:
+    """Gaussian-weighted sliding-window inferer with exact, memory-bounded input gradients
+    (:class:`~volattack.attacks.sliding.WindowedInferer`, MONAI's windowing).
 
-        return WindowedInferer(roi_size=list(roi), sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian")
-    except ImportError:  # pragma: no cover
-        from monai.inferers import SlidingWindowInferer
+    Args:
+        roi: window size in voxels.
+        sw_batch_size: windows per forward pass.
+        overlap: window overlap in [0, 1).
+        cval: value that pads a volume smaller than the window; pass ``b_min`` (air), the value
+            training pads crops with, so the model sees what it was trained on.
+    """
+    from volattack.attacks.sliding import WindowedInferer
 
-        return SlidingWindowInferer(roi_size=list(roi), sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian")
+    return WindowedInferer(roi_size=list(roi), sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian",
+                           cval=float(cval))
 
 
 #: ``evaluate.defense.transforms[].name`` -> class name in :mod:`volattack.defenses.input_transforms`
@@ -235,7 +239,8 @@ class _Evaluator:
 
         self.model, self.cfg, self.pre, self.k, self.seed, self.out, self.device = (
             model, eval_cfg, preprocess, num_classes, seed, out, device)
-        self.inferer = make_inferer(preprocess.roi_size, eval_cfg.sw_batch_size, eval_cfg.sw_overlap)
+        self.inferer = make_inferer(preprocess.roi_size, eval_cfg.sw_batch_size, eval_cfg.sw_overlap,
+                                    cval=float(preprocess.b_min))
         self.unit_scale = hu_per_unit(preprocess)
         self.bounds = (float(preprocess.b_min), float(preprocess.b_max))
         self.transforms = build_transforms(preprocess, mode="eval")
@@ -324,12 +329,28 @@ class _Evaluator:
             (g,) = torch.autograd.grad(loss * x[0].numel(), x)
         return float((g == 0).float().mean())
 
+    def _check_window_fits(self, shape: tuple[int, ...], entry: dict[str, Any]) -> None:
+        """A volume smaller than the sliding window is padded with ``b_min``, as training pads its
+        crops (logged). An attack tile larger than the volume would attack padding, so under the
+        ``patch`` threat model the case fails with the reason instead."""
+        roi = list(self.pre.roi_size)
+        if any(w > n for w, n in zip(roi, shape)):
+            logger.info("case %r: volume %s is smaller than the sliding window %s; padded with b_min=%g "
+                        "as in training", entry.get("image"), list(shape), roi, self.pre.b_min)
+        if self.cfg.threat_model == "patch" and any(w > n for w, n in zip(self.patch_size, shape)):
+            raise ValueError(
+                f"case {entry.get('image')!r}: the attack tile evaluate.patch_size={list(self.patch_size)} is "
+                f"larger than the preprocessed volume {list(shape)}; choose evaluate.patch_size that fits "
+                "(or keep more of the volume: data.preprocess.crop_foreground, spacing)."
+            )
+
     def case(self, entry: dict[str, Any], index: int, cid: str, key: str) -> dict[str, Any]:
         from volattack.metrics import perturbation_stats, voxel_flip_rate
 
         t0 = time.perf_counter()
         image, label, affine, spacing = load_case(entry, self.transforms)
         image, label = image.to(self.device), label.to(self.device)
+        self._check_window_fits(tuple(image.shape[2:]), entry)
         if not bool(torch.isfinite(image).all()):
             raise ValueError(f"case {entry.get('image')!r}: image contains NaN or Inf values.")
         if int(label.max()) >= self.k or int(label.min()) < 0:
