@@ -373,6 +373,7 @@ def validation_dice(
     sw_batch_size: int = 4,
     overlap: float = 0.25,
     device: Union[str, torch.device] = "cpu",
+    cval: float = 0.0,
 ) -> float:
     """Mean foreground Dice of ``model`` on whole volumes by sliding-window inference.
 
@@ -392,6 +393,7 @@ def validation_dice(
         sw_batch_size: windows per forward pass.
         overlap: window overlap fraction in [0, 1).
         device: where to run the model.
+        cval: value padding volumes smaller than the window (``b_min``, as training pads crops).
 
     Returns:
         Mean foreground Dice in [0, 1].
@@ -411,7 +413,7 @@ def validation_dice(
             image = _as_tensor(batch["image"]).to(device)
             label = _as_tensor(batch["label"]).to(device).long()
             logits = sliding_window_inference(
-                image, list(roi_size), sw_batch_size, model, overlap=overlap
+                image, list(roi_size), sw_batch_size, model, overlap=overlap, cval=cval
             )
             pred = one_hot(_as_tensor(logits).argmax(dim=1, keepdim=True), num_classes)
             metric(y_pred=pred, y=one_hot(label, num_classes))
@@ -437,6 +439,7 @@ def _sharded_validation_dice(
     num_workers: int,
     seed: int,
     device: torch.device,
+    cval: float = 0.0,
 ) -> float:
     """:func:`validation_dice` with case ``i`` evaluated on rank ``i mod world``.
 
@@ -466,7 +469,8 @@ def _sharded_validation_dice(
         for i, batch in zip(mine, loader):
             image = _as_tensor(batch["image"]).to(device)
             label = _as_tensor(batch["label"]).to(device).long()
-            logits = sliding_window_inference(image, list(roi_size), sw_batch_size, module, overlap=overlap)
+            logits = sliding_window_inference(image, list(roi_size), sw_batch_size, module, overlap=overlap,
+                                              cval=cval)
             pred = one_hot(_as_tensor(logits).argmax(dim=1, keepdim=True), num_classes)
             dice = compute_dice(pred, one_hot(label, num_classes), include_background=False, ignore_empty=True)[0]
             counted = ~torch.isnan(dice)
@@ -781,12 +785,12 @@ def _train(
                     )
                     val_dice = validation_dice(
                         net, val_loader, model_cfg.out_channels, roi,
-                        train_cfg.sw_batch_size, train_cfg.sw_overlap, device,
+                        train_cfg.sw_batch_size, train_cfg.sw_overlap, device, cval=float(pre.b_min),
                     )
                 else:
                     val_dice = _from_rank0(ctx, _sharded_validation_dice(
                         net, val_ds, ctx, model_cfg.out_channels, roi, train_cfg.sw_batch_size,
-                        train_cfg.sw_overlap, train_cfg.num_workers, eseed, device,
+                        train_cfg.sw_overlap, train_cfg.num_workers, eseed, device, cval=float(pre.b_min),
                     ), device)
             if math.isfinite(val_dice) and val_dice > best_dice:
                 best_dice, best_epoch = val_dice, epoch
