@@ -20,28 +20,19 @@ def main() -> None:
     import volattack
     from bench_overhead import machine
     from volattack.attacks.objectives import hard_foreground_dice
-    from volattack.data.datalist import load_datalist
-    from volattack.data.transforms import build_transforms, hu_per_unit
+    from benchmarks_results import add_quickstart_args, emit, load_quickstart
+    from volattack.data.transforms import hu_per_unit
     from volattack.evaluation.config import format_number, parse_number
-    from volattack.evaluation.runner import load_case, make_inferer
-    from volattack.pipeline import load_run_config
+    from volattack.evaluation.runner import make_inferer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default="runs/quickstart/train/best.pt")
-    ap.add_argument("--config", default="configs/quickstart.yaml")
-    ap.add_argument("--eps", default="4/255")
-    ap.add_argument("--steps", type=int, default=10)
+    add_quickstart_args(ap)
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     eps = float(parse_number(args.eps))
-    cfg = load_run_config(args.config)
+    cfg, model, k, vols = load_quickstart(args)
     pre = cfg.data.preprocess
-    model, meta = volattack.load_checkpoint(args.checkpoint)
-    k = int(meta["model"]["out_channels"])
     inferer = make_inferer(pre.roi_size, 4, 0.25)
-    cases = load_datalist(cfg.data.datalist, key="test")
-    tf = build_transforms(pre, mode="eval")
-    vols = [load_case(c, tf)[:2] for c in cases]
     scale = hu_per_unit(pre)
     s = args.steps
     settings = {
@@ -90,12 +81,7 @@ def main() -> None:
         "|---|---|---|---|---|",
     ]
     lines += [f"| {lbl} | {d:.3f} | {li:.1f} | {r:.1f} | {ss:.3f} |" for r, lbl, d, li, ss in rows]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        from benchmarks_results import replace_section
-
-        replace_section("Dice at matched measured budgets", text)
+    emit("Dice at matched measured budgets", lines, args)
 
 
 if __name__ == "__main__":

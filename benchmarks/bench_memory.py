@@ -260,12 +260,9 @@ def main() -> None:
         "volume plain autograd also writes and re-reads every window's activations (GBs), while the "
         "windowed pass reuses one window's buffers.",
     ]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        from benchmarks_results import replace_section
+    from benchmarks_results import emit
 
-        replace_section("Sliding-window gradient memory", text)
+    emit("Sliding-window gradient memory", lines, args)
 
 
 if __name__ == "__main__":

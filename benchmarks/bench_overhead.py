@@ -101,12 +101,9 @@ def main() -> None:
         lines.append(f"| {n} | {statistics.median(r):.3f} | {min(r):.3f} | {max(r):.3f} | {best:.3f} |")
     lines += ["", "Targets (issue 3): pgd <= 1.03; vafa, sa2, fft <= 1.15. Single runs on this shared host vary "
               "by about +-10% (min/max columns), so both the median and the best-of ratio are given."]
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.write:
-        from benchmarks_results import replace_section
+    from benchmarks_results import emit
 
-        replace_section("Attack overhead", text)
+    emit("Attack overhead", lines, args)
 
 
 if __name__ == "__main__":

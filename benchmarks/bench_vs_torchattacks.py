@@ -43,30 +43,18 @@ def main() -> None:
     import volattack
     from bench_overhead import machine
     from volattack.attacks.objectives import hard_foreground_dice
-    from volattack.data.datalist import load_datalist
-    from volattack.data.transforms import build_transforms
+    from benchmarks_results import add_quickstart_args, emit, load_quickstart
     from volattack.evaluation.config import format_number, parse_number
-    from volattack.evaluation.runner import load_case
-    from volattack.pipeline import load_run_config
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--checkpoint", default="runs/quickstart/train/best.pt")
-    ap.add_argument("--config", default="configs/quickstart.yaml")
-    ap.add_argument("--eps", default="4/255")
-    ap.add_argument("--steps", type=int, default=10)
+    add_quickstart_args(ap)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--write", action="store_true")
     args = ap.parse_args()
     eps = float(parse_number(args.eps))
     alpha = eps / 4
-    cfg = load_run_config(args.config)
-    model, meta = volattack.load_checkpoint(args.checkpoint)
-    k = int(meta["model"]["out_channels"])
+    cfg, model, k, vols = load_quickstart(args)
     wrapped = SlidingWindowModel(model, cfg.data.preprocess.roi_size).eval()
-    datalist = cfg.data.datalist or f"{cfg.phantoms.out}/dataset.json"
-    cases = load_datalist(datalist, key="test")
-    tf = build_transforms(cfg.data.preprocess, mode="eval")
-    vols = [load_case(c, tf)[:2] for c in cases]
 
     ours = volattack.create_attack("pgd", wrapped, eps=eps, alpha=alpha, steps=args.steps, objective="ce",
                                    seed=0, measure_ssim=False)
@@ -97,7 +85,7 @@ def main() -> None:
             dice["volattack"].append(float(hard_foreground_dice(wrapped(a).argmax(1, keepdim=True), y, k)[0]))
             dice["torchattacks"].append(float(hard_foreground_dice(wrapped(b).argmax(1, keepdim=True), y, k)[0]))
     mean = {n: sum(v) / len(v) for n, v in dice.items()}
-    text = "\n".join([
+    lines = [
         "## PGD versus torchattacks",
         "",
         f"Machine: {machine()}.",
@@ -111,13 +99,8 @@ def main() -> None:
         f"| volattack `pgd` | {sum(clean) / len(clean):.3f} | {mean['volattack']:.3f} | "
         f"{statistics.median(ratios):.3f} [{min(ratios):.3f}, {max(ratios):.3f}] |",
         f"| torchattacks `PGD` | {sum(clean) / len(clean):.3f} | {mean['torchattacks']:.3f} | 1 |",
-        "",
-    ])
-    print(text)
-    if args.write:
-        from benchmarks_results import replace_section
-
-        replace_section("PGD versus torchattacks", text)
+    ]
+    emit("PGD versus torchattacks", lines, args)
 
 
 if __name__ == "__main__":

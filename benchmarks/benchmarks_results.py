@@ -48,4 +48,29 @@ def emit(section: str, lines: list[str], args) -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write:
-        replace_section(section, text, args.results)
+        replace_section(section, text, getattr(args, "results", None))
+
+
+def add_quickstart_args(ap) -> None:
+    """Options of the benchmarks that attack the quickstart model on its test phantoms."""
+    ap.add_argument("--checkpoint", default="runs/quickstart/train/best.pt")
+    ap.add_argument("--config", default="configs/quickstart.yaml")
+    ap.add_argument("--eps", default="4/255")
+    ap.add_argument("--steps", type=int, default=10)
+
+
+def load_quickstart(args):
+    """``(run config, model, number of classes K, [(image, label), ...] test volumes)`` of the
+    quickstart run named by ``--config`` / ``--checkpoint`` (eval preprocessing, whole volumes)."""
+    import volattack
+    from volattack.data.datalist import load_datalist
+    from volattack.data.transforms import build_transforms
+    from volattack.evaluation.runner import load_case
+    from volattack.pipeline import load_run_config
+
+    cfg = load_run_config(args.config)
+    model, meta = volattack.load_checkpoint(args.checkpoint)
+    datalist = cfg.data.datalist or f"{cfg.phantoms.out}/dataset.json"
+    tf = build_transforms(cfg.data.preprocess, mode="eval")
+    vols = [load_case(c, tf)[:2] for c in load_datalist(datalist, key="test")]
+    return cfg, model, int(meta["model"]["out_channels"]), vols

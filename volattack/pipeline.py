@@ -83,7 +83,6 @@ def run_evaluate(cfg: RunConfig, out_dir: Path, *, checkpoint: Optional[str] = N
     """
     from volattack.data.datalist import load_datalist
     from volattack.evaluation.runner import evaluate
-    from volattack.models.external import load_any_model
 
     ckpt = checkpoint or cfg.evaluate.checkpoint
     if not ckpt:

@@ -58,6 +58,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 from volattack.configs import ConfigError, apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
 from volattack.evaluation.config import RunConfig, format_number
+from volattack.evaluation.report import DEFAULT_UNITS, units_of
 from volattack.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -76,8 +77,6 @@ CSV_COLUMNS: tuple[str, ...] = (
     "variant", "attack", "clean_dice", "adv_dice", "dice_drop", "linf", "rms", "linf_units", "rms_units", "ssim",
     "intensity_units",
 )
-#: source unit label when results carry no ``intensity_units`` (CT)
-DEFAULT_UNITS = "HU"
 
 StudySource = Union[str, "os.PathLike[str]", Mapping[str, Any]]
 
@@ -289,7 +288,7 @@ def comparison_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, 
     rows: list[dict[str, Any]] = []
     for variant, res in results.items():
         summ = res["summary"]
-        units = _units(res)
+        units = units_of(res)
         clean = _num(summ["clean"]["dice"])
         row = {k: None for k in CSV_COLUMNS}
         rows.append({**row, "variant": variant, "attack": "clean", "clean_dice": clean, "adv_dice": clean,
@@ -301,11 +300,6 @@ def comparison_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, 
             row["intensity_units"] = units
             rows.append(row)
     return rows
-
-
-def _units(results: Mapping[str, Any]) -> str:
-    u = results.get("intensity_units")
-    return u if isinstance(u, str) and u else DEFAULT_UNITS
 
 
 def _fmt(v: Any, digits: int = 3) -> str:

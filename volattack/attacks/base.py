@@ -485,6 +485,17 @@ def _band_matrix(taps: torch.Tensor, n: int) -> torch.Tensor:
     return torch.where(inside, taps[k.clamp(0, w - 1)], taps.new_zeros(()))
 
 
+def _ssim_map(mu_a: torch.Tensor, mu_b: torch.Tensor, var_a: torch.Tensor, var_b: torch.Tensor,
+              cov: torch.Tensor, data_range: float) -> torch.Tensor:
+    """SSIM from local statistics (Wang et al. 2004, k1 0.01, k2 0.03): luminance x contrast-structure.
+
+    Shape:
+        five tensors of one shape -> that shape.
+    """
+    c1, c2 = (0.01 * float(data_range)) ** 2, (0.03 * float(data_range)) ** 2
+    return ((2 * mu_a * mu_b + c1) / (mu_a * mu_a + mu_b * mu_b + c1)) * ((2 * cov + c2) / (var_a + var_b + c2))
+
+
 def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: int = 7) -> torch.Tensor:
     """Per-sample SSIM (Wang et al. 2004, k1 0.01, k2 0.03) over all spatial dims (no gradient).
 
@@ -512,8 +523,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: in
             st = _valid_filter3(torch.stack([a, b, a * a, b * b, a * b]), taps)
             mu_a, mu_b = st[0], st[1]
             var_a, var_b, cov = st[2] - mu_a * mu_a, st[3] - mu_b * mu_b, st[4] - mu_a * mu_b
-            c1, c2 = (0.01 * float(data_range)) ** 2, (0.03 * float(data_range)) ** 2
-            s = ((2 * mu_a * mu_b + c1) / (mu_a * mu_a + mu_b * mu_b + c1)) * ((2 * cov + c2) / (var_a + var_b + c2))
+            s = _ssim_map(mu_a, mu_b, var_a, var_b, cov, data_range)
         else:
             s, _ = compute_ssim_and_cs(
                 a, b, spatial_dims=len(spatial), kernel_size=[w] * len(spatial),

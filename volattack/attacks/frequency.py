@@ -24,7 +24,9 @@ from typing import Any, Callable, Optional
 import torch
 from torch import nn
 
-from volattack.attacks.base import Attack, _check_choice, _check_number, _gaussian_taps, _valid_filter3, register_attack
+from volattack.attacks.base import (
+    Attack, _check_choice, _check_number, _gaussian_taps, _ssim_map, _valid_filter3, register_attack,
+)
 from volattack.attacks.objectives import check_objective, objective_per_sample
 from volattack.attacks.spectral import (
     _check_band,
@@ -121,8 +123,7 @@ class PatchSSIM:
         self.ref = ref
         self.mu_x = _valid_filter3(ref, self.taps)
         self.var_x = _valid_filter3(ref * ref, self.taps) - self.mu_x * self.mu_x
-        self.c1 = (0.01 * float(data_range)) ** 2
-        self.c2 = (0.03 * float(data_range)) ** 2
+        self.data_range = float(data_range)
 
     def __call__(self, y_blocks: torch.Tensor) -> torch.Tensor:
         y = y_blocks.float()
@@ -130,8 +131,7 @@ class PatchSSIM:
         mu_y = st[0]
         var_y = st[1] - mu_y * mu_y
         cov = st[2] - self.mu_x * mu_y
-        lum = (2 * self.mu_x * mu_y + self.c1) / (self.mu_x * self.mu_x + mu_y * mu_y + self.c1)
-        s = lum * (2 * cov + self.c2) / (self.var_x + var_y + self.c2)
+        s = _ssim_map(self.mu_x, mu_y, self.var_x, var_y, cov, self.data_range)
         return s.flatten(1).mean(dim=1)
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import gzip
 import logging
 import os
-import tempfile
 from pathlib import Path
 from typing import Any, Union
 

@@ -158,13 +158,14 @@ def _check_format(ckpt: Any, path: PathLike) -> None:
         raise ValueError(f"Checkpoint {path!r} has an invalid 'state_dict' entry (not a mapping).")
 
 
-def _mismatch(model: nn.Module, state: Mapping[str, Any]) -> str:
-    """Human-readable differences between ``model.state_dict()`` and ``state`` ('' if none)."""
+def state_dict_mismatch(model: nn.Module, state: Mapping[str, Any], source: str = "checkpoint") -> str:
+    """Human-readable differences between ``model.state_dict()`` and ``state`` ('' if none):
+    missing and unexpected keys and shape mismatches (``source`` names the other side)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
     shapes = [
-        f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        f"{k}: {source} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
         for k in own
         if k in state and isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != tuple(own[k].shape)
     ]
@@ -235,7 +236,7 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> tuple[nn.Modul
         model = create_model(info["name"], int(info["in_channels"]), int(info["out_channels"]), **kwargs)
     except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"Checkpoint {str(path)!r}: cannot rebuild model {_describe(info)}: {e}") from e
-    problems = _mismatch(model, ckpt["state_dict"])
+    problems = state_dict_mismatch(model, ckpt["state_dict"])
     if problems:
         raise ValueError(
             f"Checkpoint {str(path)!r}: stored weights do not match model {_describe(info)}: {problems}."
@@ -284,7 +285,7 @@ def load_weights_into(model: nn.Module, path: PathLike, map_location: Any = "cpu
         state = ckpt["state_dict"]
         meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
         stored = f"model {_describe(ckpt['model'])}"
-    problems = _mismatch(model, state)
+    problems = state_dict_mismatch(model, state)
     if problems:
         raise ValueError(
             f"Checkpoint {str(path)!r} holds {stored}, which does not fit the expected "

@@ -165,30 +165,13 @@ def _load_state(path: Path, map_location: Any) -> Mapping[str, torch.Tensor]:
 
 def _strict_load(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path) -> None:
     """``load_state_dict(strict=True)`` with an error naming the file and the key differences."""
-    own = model.state_dict()
-    missing = [k for k in own if k not in state]
-    unexpected = [k for k in state if k not in own]
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in own
-        if k in state and tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if missing or unexpected or shapes:
+    from volattack.models.checkpoint import state_dict_mismatch
 
-        def cut(items: list[str]) -> str:
-            more = f", ... ({len(items) - 10} more)" if len(items) > 10 else ""
-            return ", ".join(items[:10]) + more
-
-        parts = []
-        if missing:
-            parts.append(f"missing keys: {cut(missing)}")
-        if unexpected:
-            parts.append(f"unexpected keys: {cut(unexpected)}")
-        if shapes:
-            parts.append(f"shape mismatches: {cut(shapes)}")
+    problems = state_dict_mismatch(model, state, source="file")
+    if problems:
         raise ValueError(
             f"Bundle weights {str(path)!r} do not fit the network {type(model).__name__} built from "
-            f"network_def: {'; '.join(parts)}."
+            f"network_def: {problems}."
         )
     model.load_state_dict(state, strict=True)
 
