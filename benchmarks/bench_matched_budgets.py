@@ -22,8 +22,9 @@ def main() -> None:
     from volattack.attacks.objectives import hard_foreground_dice
     from benchmarks_results import add_quickstart_args, emit, load_quickstart
     from volattack.data.transforms import hu_per_unit
-    from volattack.evaluation.config import format_number, parse_number
-    from volattack.evaluation.runner import make_inferer
+    from volattack.checks import parse_number
+    from volattack.evaluation.config import format_number
+    from volattack.inference import make_inferer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_quickstart_args(ap)

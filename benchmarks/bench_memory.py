@@ -54,7 +54,7 @@ def build(size, sw_batch_size: int, device: str):
     import torch
     from monai.networks.nets import UNet
 
-    from volattack.attacks.sliding import WindowedInferer, full_graph_inferer
+    from volattack.inference.sliding import WindowedInferer, full_graph_inferer
 
     torch.manual_seed(0)  # benchmark script, not library code
     model = UNet(3, 1, K, (16, 32, 64, 128), (2, 2, 2), num_res_units=1).to(device).eval()

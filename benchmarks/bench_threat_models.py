@@ -6,7 +6,7 @@ stitch), on the same volumes, model, budget and steps, in one run (interleaved r
 Setup (not timed): phantoms of ``--size`` voxels (no foreground crop, so the attacked volume is
 exactly that size), a MONAI UNet trained on them with ``volattack.training.train`` on crops of
 ``--window`` voxels (or ``--work`` with an earlier run's model). Both threat models then use the
-evaluation runner's building blocks: ``volattack.evaluation.runner.make_inferer`` (windows of
+evaluation runner's building blocks: ``volattack.inference.make_inferer`` (windows of
 ``--window``, overlap 0.25, gaussian blending; ``WindowedInferer``) and
 ``volattack.evaluation.patchwise.attack_patchwise`` (tiles of ``--window``, overlap
 ``--patch-overlap``). Each adversarial volume is scored by the same sliding-window inference
@@ -79,7 +79,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     from volattack.data.datalist import load_datalist
     from volattack.data.transforms import build_transforms, hu_per_unit
     from volattack.evaluation.patchwise import attack_patchwise, tile_grid
-    from volattack.evaluation.runner import load_case, make_inferer
+    from volattack.evaluation.runner import load_case
+    from volattack.inference import make_inferer
     from volattack.metrics import mean_foreground_dice, perturbation_stats
 
     with tempfile.TemporaryDirectory(prefix="bench_threat_") as tmp:

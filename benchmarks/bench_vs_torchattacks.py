@@ -44,7 +44,8 @@ def main() -> None:
     from bench_overhead import machine
     from volattack.attacks.objectives import hard_foreground_dice
     from benchmarks_results import add_quickstart_args, emit, load_quickstart
-    from volattack.evaluation.config import format_number, parse_number
+    from volattack.checks import parse_number
+    from volattack.evaluation.config import format_number
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_quickstart_args(ap)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from volattack.configs import ConfigError, apply_overrides, dump_yaml, from_dict, load_yaml
-from volattack.evaluation.config import AttackSpec, EvalConfig, RunConfig, format_number, parse_number
+from volattack.config import ConfigError, apply_overrides, dump_yaml, from_dict, load_yaml
+from volattack.checks import parse_number
+from volattack.config import RunConfig
+from volattack.evaluation.config import AttackSpec, EvalConfig, format_number
 
 
 def test_unknown_key_with_suggestion():

@@ -15,7 +15,7 @@ import yaml
 
 from volattack import pipeline
 from volattack.cli import main
-from volattack.configs import ConfigError
+from volattack.config import ConfigError
 from volattack.study import (
     CSV_COLUMNS,
     comparison_csv,

@@ -152,8 +152,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_attack(args: argparse.Namespace) -> int:
-    from volattack.configs import apply_overrides, from_dict, load_yaml, parse_override
-    from volattack.evaluation.config import RunConfig
+    from volattack.config import apply_overrides, from_dict, load_yaml, parse_override
+    from volattack.config import RunConfig
     from volattack.pipeline import config_from_checkpoint_dir, run_evaluate
 
     raw = load_yaml(args.config) if args.config else (config_from_checkpoint_dir(args.checkpoint) or {})
@@ -251,7 +251,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # processes share the cores; passive waiting costs nothing on an idle machine. Must be set
     # before torch is imported (the parser above does not import it).
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from volattack.configs import ConfigError
+    from volattack.config import ConfigError
 
     try:
         return HANDLERS[args.command](args)

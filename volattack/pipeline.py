@@ -1,6 +1,6 @@
 """Pipelines behind the command line: phantoms -> training -> evaluation, resumable.
 
-Each function takes a resolved :class:`~volattack.evaluation.config.RunConfig` and a run
+Each function takes a resolved :class:`~volattack.config.RunConfig` and a run
 directory. Rerunning the same command after an interruption resumes: finished
 phantoms, a finished training run and finished evaluation cases are reused.
 """
@@ -13,8 +13,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
-from volattack.configs import ConfigError, dump_yaml, from_dict, load_yaml, to_dict
-from volattack.evaluation.config import RunConfig
+from volattack.config import ConfigError, dump_yaml, from_dict, load_yaml, to_dict
+from volattack.config import RunConfig
 from volattack.utils import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 
 def load_run_config(path: Optional[str], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a YAML run config (``yaml.safe_load``), apply ``--set`` overrides, type-check it."""
-    from volattack.configs import apply_overrides
+    from volattack.config import apply_overrides
 
     raw = load_yaml(path) if path else {}
     raw = apply_overrides(raw, list(overrides))

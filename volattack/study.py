@@ -1,7 +1,7 @@
 """Robustness studies: train several variants of one model and compare them under the same attacks.
 
 A study config is a normal run config (``seed``, ``output_dir``, ``phantoms``, ``data``, ``model``,
-``train``, ``evaluate``; see :class:`~volattack.evaluation.config.RunConfig`) plus a ``variants``
+``train``, ``evaluate``; see :class:`~volattack.config.RunConfig`) plus a ``variants``
 mapping from a variant name to overrides of its ``model`` and ``train`` sections::
 
     variants:
@@ -56,8 +56,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from volattack.configs import ConfigError, apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
-from volattack.evaluation.config import RunConfig, format_number
+from volattack.config import ConfigError, apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
+from volattack.config import RunConfig
+from volattack.evaluation.config import format_number
 from volattack.evaluation.report import DEFAULT_UNITS, units_of
 from volattack.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
 

@@ -54,6 +54,11 @@ from volattack.defenses.config import AdversaryConfig
 from volattack.models.checkpoint import load_weights_into, read_checkpoint, save_checkpoint
 from volattack.models.config import ModelConfig, TrainConfig
 from volattack.models.zoo import create_model
+from volattack.distributed import DistContext as _Dist
+from volattack.distributed import all_sum as _all_sum
+from volattack.distributed import barrier as _barrier
+from volattack.distributed import from_rank0 as _from_rank0
+from volattack.distributed import setup_distributed as _setup_distributed
 from volattack.utils import atomic_write_json, versions
 
 logger = logging.getLogger(__name__)
@@ -178,117 +183,6 @@ def _load_split(data_cfg: DataConfig, key: str, optional: bool) -> list[dict[str
 def _as_tensor(x: Any) -> torch.Tensor:
     """Plain tensor (MetaTensor metadata dropped: faster, and not needed in training)."""
     return x.as_tensor() if hasattr(x, "as_tensor") else torch.as_tensor(x)
-
-
-# ----------------------------------------------------------------------------- distributed
-
-
-@dataclass(frozen=True)
-class _Dist:
-    """This process's place in the run: ``rank`` of ``world`` ranks; ``created`` when
-    :func:`train` initialised the process group (and so destroys it at the end)."""
-
-    rank: int = 0
-    world: int = 1
-    created: bool = False
-
-
-def _env_int(name: str, default: int) -> int:
-    raw = os.environ.get(name)
-    if raw is None or raw == "":
-        return default
-    try:
-        return int(raw)
-    except ValueError as e:
-        raise ValueError(f"environment variable {name} must be an integer, got {raw!r}.") from e
-
-
-#: process groups created by :func:`train` in this process (each gets its own store prefix)
-_groups_created = 0
-
-
-def _init_process_group(backend: str) -> None:
-    """``init_process_group`` by the ``env://`` rendezvous, under a store prefix of its own.
-
-    ``destroy_process_group`` resets torch's group counter, so a second default group made the
-    ordinary way in the same torchrun worker (a second ``train``, or ``train`` then an
-    evaluation) would reuse the first group's keys, still held by the launcher's store, and its
-    gloo/nccl rendezvous could pair ranks by stale addresses and hang. Every rank calls this the
-    same number of times, so the ``volattack.train.<n>`` prefixes agree across ranks.
-    """
-    import torch.distributed as dist
-
-    global _groups_created
-    store, rank, world = next(dist.rendezvous("env://"))
-    store = dist.PrefixStore(f"volattack.train.{_groups_created}", store)
-    _groups_created += 1
-    dist.init_process_group(backend=backend, store=store, rank=rank, world_size=world)
-
-
-def _setup_distributed(device: torch.device) -> tuple[_Dist, torch.device]:
-    """Join (or create) the process group when launched by torchrun with ``WORLD_SIZE > 1``.
-
-    The backend is nccl for a CUDA device and gloo otherwise; on CUDA each rank uses the GPU
-    ``LOCAL_RANK`` (else ``rank mod device_count``). An already initialised group of more than
-    one rank is used as it is (and left alive at the end); a group created here is made by
-    :func:`_init_process_group`.
-
-    Returns:
-        The rank description and the device this rank trains on.
-    """
-    import torch.distributed as dist
-
-    ws = _env_int("WORLD_SIZE", 1)
-    initialised = dist.is_available() and dist.is_initialized()
-    if ws <= 1 and not (initialised and dist.get_world_size() > 1):
-        return _Dist(), device
-    if not dist.is_available():
-        raise RuntimeError(f"WORLD_SIZE={ws} but this torch build has no torch.distributed support.")
-    if device.type == "cuda" and "LOCAL_RANK" in os.environ:  # before init: nccl binds to it
-        device = torch.device("cuda", _env_int("LOCAL_RANK", 0))
-        torch.cuda.set_device(device)
-    created = False
-    if not initialised:
-        _init_process_group("nccl" if device.type == "cuda" else "gloo")
-        created = True
-    rank, world = dist.get_rank(), dist.get_world_size()
-    if device.type == "cuda" and "LOCAL_RANK" not in os.environ:
-        device = torch.device("cuda", rank % max(torch.cuda.device_count(), 1))
-        torch.cuda.set_device(device)
-    logger.info("Distributed training: rank %d of %d on %s (%s).", rank, world, device, dist.get_backend())
-    return _Dist(rank, world, created), device
-
-
-def _barrier(ctx: _Dist, device: torch.device) -> None:
-    """Wait for every rank (no-op in a single process)."""
-    if ctx.world > 1:
-        import torch.distributed as dist
-
-        if device.type == "cuda":
-            dist.barrier(device_ids=[device.index])
-        else:
-            dist.barrier()
-
-
-def _all_sum(ctx: _Dist, values: torch.Tensor) -> torch.Tensor:
-    """Element-wise sum over the ranks (identity in a single process); the same result on every rank."""
-    if ctx.world > 1:
-        import torch.distributed as dist
-
-        values = values.clone()
-        dist.all_reduce(values, op=dist.ReduceOp.SUM)
-    return values
-
-
-def _from_rank0(ctx: _Dist, value: float, device: torch.device) -> float:
-    """Rank 0's ``value`` on every rank (so every rank takes rank 0's decisions)."""
-    if ctx.world == 1:
-        return value
-    import torch.distributed as dist
-
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.broadcast(t, src=0)
-    return float(t.item())
 
 
 def _rank_seed(seed: int, epoch: int, ctx: _Dist) -> int:

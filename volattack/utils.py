@@ -61,10 +61,13 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
 
 def versions() -> dict[str, str]:
     """Versions of Python, volattack and the main dependencies (for results files)."""
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    import volattack
+    from importlib.metadata import PackageNotFoundError, version
 
-    out["volattack"] = volattack.__version__
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    try:
+        out["volattack"] = version("volattack")
+    except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+        out["volattack"] = "unknown"
     for mod in ("torch", "monai", "numpy", "nibabel", "SimpleITK", "scipy"):
         try:
             m = __import__(mod)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import volattack
-from volattack.configs import ConfigError, to_dict
+from volattack.config import ConfigError, to_dict
 from volattack.data.config import PreprocessConfig
 from volattack.evaluation.config import DefenseConfig, TransformSpec
 from volattack.models.config import ModelConfig

@@ -155,7 +155,7 @@ def test_tile_larger_than_the_volume_fails_the_case_with_the_reason(tiny_run, tm
 def test_window_larger_than_the_volume_pads_with_b_min_as_training_does():
     """A volume smaller than the sliding window is scored as training sees such volumes: padded
     with b_min (here -1), not with 0."""
-    from volattack.evaluation.runner import make_inferer
+    from volattack.inference import make_inferer
 
     seen = []
 

@@ -11,12 +11,12 @@ import torch.nn.functional as F
 from monai.losses import DiceCELoss
 
 import volattack
-from volattack.configs import ConfigError, from_dict
+from volattack.config import ConfigError, from_dict
 from volattack.data.config import DataConfig, PreprocessConfig
 from volattack.data.phantoms import make_phantom_dataset
 from volattack.defenses.adversarial import adversarial_loss, build_adversary
 from volattack.defenses.config import AdversaryConfig
-from volattack.evaluation.config import RunConfig
+from volattack.config import RunConfig
 from volattack.models.config import ModelConfig, TrainConfig
 from volattack.training import train
 

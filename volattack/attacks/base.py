@@ -31,6 +31,9 @@ from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from volattack.checks import check_number
+from volattack.inference.sliding import WindowedInferer
+from volattack.ops import first_head
 from volattack.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -96,42 +99,6 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = mode
 
 
-def _check_number(name: str, value: Any, *, low: float | None = None, high: float | None = None,
-                  low_open: bool = False, high_open: bool = False, integer: bool = False) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is a finite number in the given range."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
-        integer and not isinstance(value, int)
-    ):
-        kind = "an integer" if integer else "a number"
-        raise ValueError(f"{name} must be {kind}, got {value!r}.")
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}.")
-    if low is not None and (value < low or (low_open and value == low)):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, got {value}.")
-    if high is not None and (value > high or (high_open and value == high)):
-        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, got {value}.")
-
-
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> str:
-    """Raise ``ValueError`` naming ``name`` (with a suggestion) unless ``value`` is one of ``choices``."""
-    if not isinstance(value, str) or value not in choices:
-        from volattack.registry import suggest
-
-        raise ValueError(
-            f"{name} must be one of {', '.join(choices)}, got {value!r}.{suggest(str(value), choices)}"
-        )
-    return value
-
-
-def _check_block_size(block_size: Any) -> Optional[int]:
-    """``None`` or a positive integer block side, else ``ValueError`` naming ``block_size``."""
-    if block_size is None:
-        return None
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be None or a positive integer, got {block_size!r}.")
-    return block_size
-
-
 class Attack:
     """Base class of all attacks (see the module docstring for the contract).
 
@@ -185,10 +152,10 @@ class Attack:
             raise ValueError(f"bounds must be a pair (lo, hi), got {bounds!r}.") from None
         if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
             raise ValueError(f"bounds must be finite with lo < hi, got {tuple(bounds)!r}.")
-        _check_number("seed", seed, low=0, integer=True)
-        _check_number("spatial_dims", spatial_dims, low=1, integer=True)
+        check_number("seed", seed, low=0, integer=True)
+        check_number("spatial_dims", spatial_dims, low=1, integer=True)
         if unit_scale is not None:
-            _check_number("unit_scale", unit_scale, low=0, low_open=True)
+            check_number("unit_scale", unit_scale, low=0, low_open=True)
         if amp_dtype not in (None, torch.float16, torch.bfloat16):
             raise ValueError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype!r}.")
         if not isinstance(targeted, bool):
@@ -209,8 +176,6 @@ class Attack:
             # MONAI's inferer keeps every window's activations for the backward pass; the
             # equivalent WindowedInferer gives the same output and exact input gradient window
             # by window, so memory does not grow with the number of windows.
-            from volattack.attacks.sliding import WindowedInferer
-
             try:
                 inferer = WindowedInferer.from_monai(inferer)
             except ValueError as e:
@@ -260,7 +225,7 @@ class Attack:
             target = self._check_labels(target, x, name="target_labels")
         m = self._check_mask(mask if mask is not None else self.mask, x)
         seed = self.seed if seed is None else seed
-        _check_number("seed", seed, low=0, integer=True)
+        check_number("seed", seed, low=0, integer=True)
         t0 = time.perf_counter()
         with eval_mode(self.model):
             adv, extra = self._attack(x, y, target, m, seed)
@@ -313,9 +278,7 @@ class Attack:
         )
         with ctx:
             out = self.inferer(x, self.model) if self.inferer is not None else self.model(x)
-        if isinstance(out, (tuple, list)):  # deep-supervision models: first head
-            out = out[0]
-        return out.float()
+        return first_head(out).float()
 
     def generator(self, seed: int) -> torch.Generator:
         """A fresh CPU ``torch.Generator`` seeded with ``seed``."""

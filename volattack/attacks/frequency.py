@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from volattack.attacks.base import (
-    Attack, _check_choice, _check_number, _gaussian_taps, _ssim_map, _valid_filter3, register_attack,
+    Attack, _gaussian_taps, _ssim_map, _valid_filter3, register_attack,
 )
 from volattack.attacks.objectives import check_objective, objective_per_sample
 from volattack.attacks.spectral import (
@@ -42,21 +42,12 @@ from volattack.attacks.spectral import (
     soft_round,
     ste_round,
 )
-from volattack.attacks.voxel import _l2_norm, _per_sample_view
+from volattack import ops
+from volattack.ops import l2_norm, per_sample_view
+from volattack.checks import check_bool, check_block_size, check_choice, check_number
 
 logger = logging.getLogger(__name__)
 
-
-
-def _check_bool(name: str, value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError(f"{name} must be True or False, got {value!r}.")
-    return value
-
-
-def _straight_through(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
-    """``value`` in the forward pass, the gradient of ``surrogate`` in the backward pass."""
-    return surrogate + (value - surrogate).detach()
 
 
 def patch_ssim(
@@ -154,7 +145,7 @@ class SpectralAttack(Attack):
         super().__init__(model, **kwargs)
         if self.spatial_dims != 3:
             raise ValueError(f"spatial_dims must be 3 for the frequency attacks, got {self.spatial_dims}.")
-        _check_number("steps", steps, low=0, integer=True)
+        check_number("steps", steps, low=0, integer=True)
         self.steps = int(steps)
         self.objective = check_objective(objective)
 
@@ -176,7 +167,7 @@ class SpectralAttack(Attack):
             any -> same.
         """
         out = self.clamp_to_bounds(v)
-        return _straight_through(out, v) if straight_through else out
+        return ops.straight_through(out, v) if straight_through else out
 
     def _from_unit(
         self, x01: torch.Tensor, x: torch.Tensor, mask: Optional[torch.Tensor], straight_through: bool = False
@@ -306,20 +297,20 @@ class VAFA(SpectralAttack):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, steps=steps, objective=objective, **kwargs)
-        _check_number("q_max", q_max, low=1)
-        _check_number("q_min", q_min, low=1, high=q_max)
-        _check_number("block_size", block_size, low=2, integer=True)
-        _check_number("soft_round_a", soft_round_a, low=0, high=1, low_open=True, high_open=True)
-        _check_number("ssim_weight", ssim_weight, low=0)
-        _check_number("intensity_scale", intensity_scale, low=0, low_open=True)
+        check_number("q_max", q_max, low=1)
+        check_number("q_min", q_min, low=1, high=q_max)
+        check_number("block_size", block_size, low=2, integer=True)
+        check_number("soft_round_a", soft_round_a, low=0, high=1, low_open=True, high_open=True)
+        check_number("ssim_weight", ssim_weight, low=0)
+        check_number("intensity_scale", intensity_scale, low=0, low_open=True)
         self.q_max = float(q_max)
         self.q_min = float(q_min)
-        self.q_init = _check_choice("q_init", q_init, ("one", "qmax"))
+        self.q_init = check_choice("q_init", q_init, ("one", "qmax"))
         self.block_size = int(block_size)
-        self.rounding = _check_choice("rounding", rounding, ("soft", "ste", "hard"))
+        self.rounding = check_choice("rounding", rounding, ("soft", "ste", "hard"))
         self.soft_round_a = float(soft_round_a)
-        self.center_128 = _check_bool("center_128", center_128)
-        self.slice_renorm = _check_bool("slice_renorm", slice_renorm)
+        self.center_128 = check_bool("center_128", center_128)
+        self.slice_renorm = check_bool("slice_renorm", slice_renorm)
         self.ssim_weight = float(ssim_weight)
         self.intensity_scale = float(intensity_scale)
 
@@ -445,18 +436,18 @@ class SA2(SpectralAttack):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, steps=steps, objective=objective, **kwargs)
-        _check_number("rho", rho, low=0, high=1, high_open=True)
-        _check_number("beta", beta, low=0, low_open=True)
-        _check_number("l_dc", l_dc, low=0)
-        _check_number("l_ssim", l_ssim, low=0)
-        _check_number("block_size", block_size, low=2, integer=True)
+        check_number("rho", rho, low=0, high=1, high_open=True)
+        check_number("beta", beta, low=0, low_open=True)
+        check_number("l_dc", l_dc, low=0)
+        check_number("l_ssim", l_ssim, low=0)
+        check_number("block_size", block_size, low=2, integer=True)
         self.rho = float(rho)
         self.beta = float(beta)
         self.l_dc = float(l_dc)
         self.l_ssim = float(l_ssim)
         self.block_size = int(block_size)
         self.band = _check_band(band)
-        self.center = _check_bool("center", center)
+        self.center = check_bool("center", center)
 
     def _attack(self, x, y, target, mask, seed):
         if self.rho == 0:
@@ -557,23 +548,23 @@ class FFTAttack(SpectralAttack):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, steps=steps, objective=objective, **kwargs)
-        self.mode = _check_choice("mode", mode, ("additive", "amplitude"))
-        self.norm = _check_choice("norm", norm, ("linf", "l2"))
+        self.mode = check_choice("mode", mode, ("additive", "amplitude"))
+        self.norm = check_choice("norm", norm, ("linf", "l2"))
         if eps is None and self.mode == "additive":
             eps = 4 / 255
         if eps is not None:
-            _check_number("eps", eps, low=0)
+            check_number("eps", eps, low=0)
         alpha = (eps / 4 if eps is not None else 0.0) if alpha is None else alpha
-        _check_number("alpha", alpha, low=0)
-        _check_number("rho", rho, low=0, high=1, high_open=True)
-        _check_number("beta", beta, low=0, low_open=True)
+        check_number("alpha", alpha, low=0)
+        check_number("rho", rho, low=0, high=1, high_open=True)
+        check_number("beta", beta, low=0, low_open=True)
         if block_size is not None:
-            _check_number("block_size", block_size, low=2, integer=True)
+            check_number("block_size", block_size, low=2, integer=True)
         if radius is not None:
             ok = isinstance(radius, (tuple, list)) and len(radius) == 2
             if ok:
-                _check_number("radius[0]", radius[0], low=0)
-                _check_number("radius[1]", radius[1], low=radius[0])
+                check_number("radius[0]", radius[0], low=0)
+                check_number("radius[1]", radius[1], low=radius[0])
             else:
                 raise ValueError(f"radius must be a pair (r_min, r_max), got {radius!r}.")
             radius = (float(radius[0]), float(radius[1]))
@@ -582,10 +573,10 @@ class FFTAttack(SpectralAttack):
         self.band = _check_band(band)
         self.radius = radius
         self.block_size = None if block_size is None else int(block_size)
-        self.random_start = _check_bool("random_start", random_start)
+        self.random_start = check_bool("random_start", random_start)
         self.rho = float(rho)
         self.beta = float(beta)
-        self.exclude_dc = (self.mode == "amplitude") if exclude_dc is None else _check_bool("exclude_dc", exclude_dc)
+        self.exclude_dc = (self.mode == "amplitude") if exclude_dc is None else check_bool("exclude_dc", exclude_dc)
 
     # --------------------------------------------------------------- transforms
     def _freq_mask(self, x: torch.Tensor) -> torch.Tensor:
@@ -614,12 +605,12 @@ class FFTAttack(SpectralAttack):
             return delta
         if self.norm == "linf":
             return delta.clamp(-self.eps, self.eps)
-        n = _l2_norm(delta)
+        n = l2_norm(delta)
         factor = torch.where(n > self.eps, self.eps / n.clamp_min(1e-12), torch.ones_like(n))
-        return delta * _per_sample_view(factor, delta)
+        return delta * per_sample_view(factor, delta)
 
     def _norm(self, v: torch.Tensor) -> torch.Tensor:
-        return v.flatten(1).abs().amax(dim=1) if self.norm == "linf" else _l2_norm(v)
+        return v.flatten(1).abs().amax(dim=1) if self.norm == "linf" else l2_norm(v)
 
     def _apply(
         self, x: torch.Tensor, delta: torch.Tensor, mask: Optional[torch.Tensor], straight_through: bool = False
@@ -634,7 +625,7 @@ class FFTAttack(SpectralAttack):
         if mask is not None:
             delta, proj = delta * mask, proj * mask
         out = self.clamp_to_bounds(x + proj)
-        return _straight_through(out, x + delta) if straight_through else out
+        return ops.straight_through(out, x + delta) if straight_through else out
 
     # ------------------------------------------------------------------- attack
     def _attack(self, x, y, target, mask, seed):
@@ -656,7 +647,7 @@ class FFTAttack(SpectralAttack):
         if self.random_start:
             noise = to_delta(to_param(self.sample_noise(xw, seed, "uniform" if self.norm == "linf" else "normal")))
             n = self._norm(noise).clamp_min(1e-12)
-            delta0 = noise * _per_sample_view(0.5 * self.eps / n, noise)
+            delta0 = noise * per_sample_view(0.5 * self.eps / n, noise)
         else:
             delta0 = torch.zeros_like(xw)
         z = to_param(self._apply(xw, delta0, mask) - xw)
@@ -670,7 +661,7 @@ class FFTAttack(SpectralAttack):
         def update(p: torch.Tensor, g: torch.Tensor, t: int) -> torch.Tensor:
             d = g.sign() if self.norm == "linf" else g
             n = self._norm(to_delta(d)).clamp_min(1e-12)
-            p = p + d * _per_sample_view(self.alpha / n, d)
+            p = p + d * per_sample_view(self.alpha / n, d)
             return to_param(self._apply(xw, to_delta(p), mask) - xw)
 
         z = self._step_loop(z, candidate, score, update, y, target)

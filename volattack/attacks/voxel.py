@@ -20,22 +20,14 @@ from typing import Any, Optional
 import torch
 from torch import nn
 
-from volattack.attacks.base import Attack, _check_number, register_attack
+from volattack.attacks.base import Attack, register_attack
+from volattack.checks import check_number
+from volattack.ops import l2_norm, per_sample_view
 from volattack.attacks.objectives import (
     attack_success,
     check_objective,
     objective_per_sample,
 )
-
-
-def _per_sample_view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape a ``(B,)`` tensor to broadcast against ``like`` ``(B, ...)`` (rank-agnostic)."""
-    return v.reshape((-1,) + (1,) * (like.ndim - 1))
-
-
-def _l2_norm(v: torch.Tensor) -> torch.Tensor:
-    """Per-sample L2 norm: ``(B, ...) -> (B,)``."""
-    return v.flatten(1).norm(dim=1)
 
 
 @register_attack("gn")
@@ -53,7 +45,7 @@ class GaussianNoise(Attack):
 
     def __init__(self, model: nn.Module, *, eps: float = 8 / 255, **kwargs: Any) -> None:
         super().__init__(model, **kwargs)
-        _check_number("eps", eps, low=0)
+        check_number("eps", eps, low=0)
         self.eps = float(eps)
 
     def _attack(self, x, y, target, mask, seed):
@@ -107,13 +99,13 @@ class IterativeAttack(Attack):
         **kwargs: Any,
     ) -> None:
         super().__init__(model, **kwargs)
-        _check_number("eps", eps, low=0)
-        _check_number("steps", steps, low=0, integer=True)
+        check_number("eps", eps, low=0)
+        check_number("steps", steps, low=0, integer=True)
         alpha = eps / 4 if alpha is None else alpha
-        _check_number("alpha", alpha, low=0)
-        _check_number("restarts", restarts, low=1, integer=True)
+        check_number("alpha", alpha, low=0)
+        check_number("restarts", restarts, low=1, integer=True)
         if early_stop is not None:
-            _check_number("early_stop", early_stop, low=0, high=1)
+            check_number("early_stop", early_stop, low=0, high=1)
         self.eps = float(eps)
         self.alpha = float(alpha)
         self.steps = int(steps)
@@ -128,9 +120,9 @@ class IterativeAttack(Attack):
         if self.norm == "linf":
             delta = delta.clamp(-self.eps, self.eps)
         else:
-            n = _l2_norm(delta)
+            n = l2_norm(delta)
             factor = torch.where(n > self.eps, self.eps / n.clamp_min(1e-12), torch.ones_like(n))
-            delta = delta * _per_sample_view(factor, delta)
+            delta = delta * per_sample_view(factor, delta)
         if mask is not None:
             delta = delta * mask
         return self.clamp_to_bounds(x + delta) - x
@@ -138,7 +130,7 @@ class IterativeAttack(Attack):
     def _direction(self, g: torch.Tensor) -> torch.Tensor:
         if self.norm == "linf":
             return g.sign()
-        return g / _per_sample_view(_l2_norm(g).clamp_min(1e-12), g)
+        return g / per_sample_view(l2_norm(g).clamp_min(1e-12), g)
 
     def _init_delta(self, x: torch.Tensor, seed: int, mask: Optional[torch.Tensor]) -> torch.Tensor:
         if not self.random_start or self.eps == 0:
@@ -148,7 +140,7 @@ class IterativeAttack(Attack):
             delta = u * self.eps
         else:  # uniform direction, radius eps * r with r ~ U(0, 1) from the same seed
             r = torch.rand((), generator=self.generator(seed + 7919)).item()
-            delta = u / _per_sample_view(_l2_norm(u).clamp_min(1e-12), u) * (self.eps * r)
+            delta = u / per_sample_view(l2_norm(u).clamp_min(1e-12), u) * (self.eps * r)
         return self._project(x, delta, mask)
 
     def _loss(self, logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], step: int) -> torch.Tensor:
@@ -183,7 +175,7 @@ class IterativeAttack(Attack):
                 new = self._project(x, delta + self.alpha * self._direction(g), mask)
                 if self.early_stop is not None:
                     active = active & ~attack_success(logits.detach(), y, target, self.early_stop)
-                    delta = torch.where(_per_sample_view(active, x), new, delta)
+                    delta = torch.where(per_sample_view(active, x), new, delta)
                     steps_run = max(steps_run, t)
                     if not bool(active.any()):
                         break
@@ -199,7 +191,7 @@ class IterativeAttack(Attack):
                 best_adv, best_loss = adv, final
             else:
                 better = final > best_loss
-                best_adv = torch.where(_per_sample_view(better, x), adv, best_adv)
+                best_adv = torch.where(per_sample_view(better, x), adv, best_adv)
                 best_loss = torch.where(better, final, best_loss)
         return best_adv, {"steps_run": steps_run, "restarts": self.restarts}
 
@@ -256,7 +248,7 @@ class PGDL2(IterativeAttack):
 
     def _check_result(self, x: torch.Tensor, adv: torch.Tensor) -> None:
         super()._check_result(x, adv)
-        n = float(_l2_norm(adv.float() - x.float()).max())
+        n = float(l2_norm(adv.float() - x.float()).max())
         if n > self.eps * (1 + 1e-4) + 1e-6:
             raise RuntimeError(f"pgd_l2: L2 {n:.6g} exceeds eps {self.eps:.6g}.")
 
@@ -312,8 +304,8 @@ class APGD(IterativeAttack):
         if "alpha" in kwargs:
             raise ValueError("apgd takes no 'alpha': its step size is adapted from 2 * eps.")
         super().__init__(model, **kwargs)
-        _check_number("rho", rho, low=0, high=1)
-        _check_number("momentum", momentum, low=0, high=1)
+        check_number("rho", rho, low=0, high=1)
+        check_number("momentum", momentum, low=0, high=1)
         self.rho = float(rho)
         self.momentum = float(momentum)
         self.alpha = 2 * self.eps
@@ -342,18 +334,18 @@ class APGD(IterativeAttack):
         best_delta, best_loss = delta, loss
         prev = delta
         # first step without momentum
-        delta = self._project(x, delta + _per_sample_view(eta, x) * g.sign(), mask)
+        delta = self._project(x, delta + per_sample_view(eta, x) * g.sign(), mask)
         n_incr = torch.zeros(B, device=x.device)
         last_w, eta_at_last, best_at_last = 0, eta.clone(), best_loss.clone()
         prev_loss = loss
         for k in range(1, self.steps):
             loss, g = loss_grad(delta, k)
             improved = loss > best_loss
-            best_delta = torch.where(_per_sample_view(improved, x), delta, best_delta)
+            best_delta = torch.where(per_sample_view(improved, x), delta, best_delta)
             best_loss = torch.where(improved, loss, best_loss)
             n_incr = n_incr + (loss > prev_loss).float()
             prev_loss = loss
-            z = self._project(x, delta + _per_sample_view(eta, x) * g.sign(), mask)
+            z = self._project(x, delta + per_sample_view(eta, x) * g.sign(), mask)
             a = self.momentum
             nxt = self._project(x, delta + a * (z - delta) + (1 - a) * (delta - prev), mask)
             prev, delta = delta, nxt
@@ -362,13 +354,13 @@ class APGD(IterativeAttack):
                 cond2 = (eta == eta_at_last) & (best_loss == best_at_last)
                 halve = cond1 | cond2
                 eta = torch.where(halve, eta / 2, eta)
-                delta = torch.where(_per_sample_view(halve, x), best_delta, delta)
-                prev = torch.where(_per_sample_view(halve, x), best_delta, prev)
+                delta = torch.where(per_sample_view(halve, x), best_delta, delta)
+                prev = torch.where(per_sample_view(halve, x), best_delta, prev)
                 n_incr = torch.zeros_like(n_incr)
                 last_w, eta_at_last, best_at_last = k, eta.clone(), best_loss.clone()
         # evaluate the last iterate too
         with torch.no_grad():
             final = self._loss(self.forward(x + delta), y, target, self.steps)
         improved = final > best_loss
-        best_delta = torch.where(_per_sample_view(improved, x), delta, best_delta)
+        best_delta = torch.where(per_sample_view(improved, x), delta, best_delta)
         return x + best_delta, {"steps_run": self.steps}

@@ -38,7 +38,7 @@ def build_adversary(cfg: AdversaryConfig, model: nn.Module, *, bounds=(0.0, 1.0)
             (e.g. a negative eps), before any training starts.
     """
     import volattack
-    from volattack.evaluation.config import parse_number
+    from volattack.checks import parse_number
     from volattack.registry import suggest
 
     params = {k: parse_number(v, f"adversary.params.{k}") for k, v in cfg.params.items()}

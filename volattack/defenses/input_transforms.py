@@ -42,7 +42,8 @@ from typing import Any, ClassVar, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from volattack.attacks.base import _check_number, _check_block_size
+from volattack.checks import check_block_size, check_number
+from volattack.ops import first_head, straight_through
 from volattack.attacks.spectral import block_merge, block_split, dct3, idct3, soft_round
 
 logger = logging.getLogger(__name__)
@@ -75,11 +76,6 @@ def _check_images(x: Any, spatial_dims: Optional[int] = 3) -> torch.Tensor:
     if not x.is_floating_point():
         raise ValueError(f"images must be floating point, got dtype {x.dtype}.")
     return x
-
-
-def _straight_through(value: torch.Tensor, surrogate: torch.Tensor) -> torch.Tensor:
-    """``value`` in the forward pass, the gradient of ``surrogate`` in the backward pass."""
-    return surrogate + (value - surrogate).detach()
 
 
 def _index_sum(shape: Sequence[int], device: torch.device) -> torch.Tensor:
@@ -133,8 +129,8 @@ class _BPDAMixin:
         if self.bpda == "none":
             return exact
         if self.bpda == "identity":
-            return _straight_through(exact, x)
-        return _straight_through(exact, self.smooth_approximation(x))  # type: ignore[attr-defined]
+            return straight_through(exact, x)
+        return straight_through(exact, self.smooth_approximation(x))  # type: ignore[attr-defined]
 
 
 # ---------------------------------------------------------------------------- transforms
@@ -160,8 +156,8 @@ class GaussianSmoothing(InputTransform):
         if not sig:
             raise ValueError(f"sigma must be a number or a sequence of numbers, got {sigma!r}.")
         for s in sig:
-            _check_number("sigma", s, low=0)
-        _check_number("truncated", truncated, low=0, low_open=True)
+            check_number("sigma", s, low=0)
+        check_number("truncated", truncated, low=0, low_open=True)
         self.sigma = tuple(float(s) for s in sig)
         self.truncated = float(truncated)
 
@@ -215,7 +211,7 @@ class MedianFilter(_BPDAMixin, InputTransform):
 
     def __init__(self, kernel_size: int = 3, bpda: Optional[str] = "none") -> None:
         super().__init__()
-        _check_number("kernel_size", kernel_size, low=1, integer=True)
+        check_number("kernel_size", kernel_size, low=1, integer=True)
         if kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd, got {kernel_size}.")
         self.kernel_size = int(kernel_size)
@@ -280,11 +276,11 @@ class DCTLowPass(InputTransform):
 
     def __init__(self, block_size: Optional[int] = 8, keep: Union[int, str, None] = None) -> None:
         super().__init__()
-        self.block_size = _check_block_size(block_size)
+        self.block_size = check_block_size(block_size)
         if keep == "all":
             keep = None
         if keep is not None:
-            _check_number("keep", keep, low=0, integer=True)
+            check_number("keep", keep, low=0, integer=True)
         self.keep = keep
 
     def extra_repr(self) -> str:
@@ -341,11 +337,11 @@ class DCTQuantization(_BPDAMixin, InputTransform):
         soft_round_a: float = 0.5,
     ) -> None:
         super().__init__()
-        self.block_size = _check_block_size(block_size)
-        _check_number("q", q, low=0, low_open=True)
-        _check_number("growth", growth, low=0)
-        _check_number("intensity_scale", intensity_scale, low=0, low_open=True)
-        _check_number("soft_round_a", soft_round_a, low=0, high=1, low_open=True, high_open=True)
+        self.block_size = check_block_size(block_size)
+        check_number("q", q, low=0, low_open=True)
+        check_number("growth", growth, low=0)
+        check_number("intensity_scale", intensity_scale, low=0, low_open=True)
+        check_number("soft_round_a", soft_round_a, low=0, high=1, low_open=True, high_open=True)
         self.q = float(q)
         self.growth = float(growth)
         self.intensity_scale = float(intensity_scale)
@@ -421,8 +417,8 @@ class RandomNoise(InputTransform):
 
     def __init__(self, sigma: float = 0.05, *, seed: int = 0, generator: Optional[torch.Generator] = None) -> None:
         super().__init__()
-        _check_number("sigma", sigma, low=0)
-        _check_number("seed", seed, low=0, integer=True)
+        check_number("sigma", sigma, low=0)
+        check_number("seed", seed, low=0, integer=True)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}.")
         if generator is not None and generator.device.type != "cpu":
@@ -469,10 +465,6 @@ class RandomNoise(InputTransform):
 
 
 # ------------------------------------------------------------------------------- models
-def _first(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
-
-
 class DefendedModel(nn.Module):
     """A segmenter behind input transforms: ``x -> model(t_n(... t_1(x)))``.
 
@@ -559,8 +551,8 @@ class EOTModel(nn.Module):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
-        _check_number("samples", samples, low=1, integer=True)
-        _check_number("seed", seed, low=0, integer=True)
+        check_number("samples", samples, low=1, integer=True)
+        check_number("seed", seed, low=0, integer=True)
         self.model = model
         self.samples = int(samples)
         self.seed = int(seed)
@@ -585,7 +577,7 @@ class EOTModel(nn.Module):
         pass_gen = isinstance(self.model, DefendedModel)
         total: Optional[torch.Tensor] = None
         for _ in range(self.samples):
-            out = _first(self.model(x, generator=self.generator) if pass_gen else self.model(x))
+            out = first_head(self.model(x, generator=self.generator) if pass_gen else self.model(x))
             total = out if total is None else total + out
         assert total is not None
         return total / self.samples
@@ -621,7 +613,7 @@ class AdaptiveModel(nn.Module):
         Shape:
             ``(B, C, H, W, D)`` -> ``(B, K, H, W, D)``.
         """
-        return _first(self.model(x))
+        return first_head(self.model(x))
 
     def reset(self) -> None:
         """Replay the random draws from the start (EOT generator and transform generators)."""
@@ -666,8 +658,8 @@ def adaptive_wrapper(
     if not isinstance(defended_model, DefendedModel):
         raise ValueError(f"defended_model must be a DefendedModel, got {type(defended_model).__name__}.")
     bpda = _check_bpda(bpda)
-    _check_number("eot_samples", eot_samples, low=1, integer=True)
-    _check_number("seed", seed, low=0, integer=True)
+    check_number("eot_samples", eot_samples, low=1, integer=True)
+    check_number("seed", seed, low=0, integer=True)
 
     transforms: list[nn.Module] = []
     masked: list[str] = []

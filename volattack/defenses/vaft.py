@@ -30,7 +30,8 @@ from typing import Any, Optional, Union
 import torch
 from torch import nn
 
-from volattack.attacks.base import _check_number, _check_choice, _check_block_size
+from volattack.checks import check_block_size, check_choice, check_number
+from volattack.ops import first_head
 from volattack.attacks.spectral import block_split, dct3
 
 logger = logging.getLogger(__name__)
@@ -62,7 +63,7 @@ def logits_dct(logits: torch.Tensor, block_size: Optional[int] = None) -> torch.
         ``(B, K, H, W, D)`` -> ``(B, K, H, W, D)`` (whole volume) or
         ``(B, K, nH, nW, nD, b, b, b)`` (blockwise).
     """
-    block_size = _check_block_size(block_size)
+    block_size = check_block_size(block_size)
     if block_size is None:
         return dct3(logits)
     return dct3(block_split(logits, block_size))
@@ -136,10 +137,10 @@ def frequency_consistency_loss(
         )
     if not isinstance(normalized, bool):
         raise ValueError(f"normalized must be True or False, got {normalized!r}.")
-    block_size = _check_block_size(block_size)
-    _check_choice("reduction", reduction, REDUCTIONS)
-    _check_choice("l1", l1, L1_MODES)
-    _check_number("eps", eps, low=0, low_open=True)
+    block_size = check_block_size(block_size)
+    check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("l1", l1, L1_MODES)
+    check_number("eps", eps, low=0, low_open=True)
 
     wd = torch.promote_types(torch.promote_types(logits_clean.dtype, logits_adv.dtype), torch.float32)
     clean = logits_clean.to(wd)
@@ -203,14 +204,14 @@ class VAFTLoss(nn.Module):
         l1: str = "sum",
     ) -> None:
         super().__init__()
-        _check_number("dice_weight", dice_weight, low=0)
-        _check_number("adv_weight", adv_weight, low=0)
-        _check_number("fr_weight", fr_weight, low=0)
+        check_number("dice_weight", dice_weight, low=0)
+        check_number("adv_weight", adv_weight, low=0)
+        check_number("fr_weight", fr_weight, low=0)
         if not isinstance(normalized, bool):
             raise ValueError(f"normalized must be True or False, got {normalized!r}.")
-        self.seg_loss_name = _check_choice("seg_loss", seg_loss, SEG_LOSSES)
-        self.block_size = _check_block_size(block_size)
-        self.l1 = _check_choice("l1", l1, L1_MODES)
+        self.seg_loss_name = check_choice("seg_loss", seg_loss, SEG_LOSSES)
+        self.block_size = check_block_size(block_size)
+        self.l1 = check_choice("l1", l1, L1_MODES)
         self.dice_weight = float(dice_weight)
         self.adv_weight = float(adv_weight)
         self.fr_weight = float(fr_weight)
@@ -310,7 +311,6 @@ def vaft_objective(
         )
 
     def run(x: torch.Tensor) -> torch.Tensor:
-        out: Union[torch.Tensor, tuple, list] = model(x)
-        return out[0] if isinstance(out, (tuple, list)) else out
+        return first_head(model(x))
 
     return loss(run(images), run(adv_images.detach()), labels)

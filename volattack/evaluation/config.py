@@ -2,30 +2,11 @@
 
 from __future__ import annotations
 
-import math
-import re
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from volattack.data.config import DataConfig, PhantomConfig
-from volattack.models.config import ModelConfig, TrainConfig
+from volattack.checks import parse_number
 from volattack.registry import suggest
-
-_FRACTION = re.compile(r"^\s*([+-]?\d+(?:\.\d*)?(?:[eE][+-]?\d+)?)\s*/\s*(\d+(?:\.\d*)?)\s*$")
-
-
-def parse_number(value: Any, name: str = "value") -> Any:
-    """Accept numbers and fraction strings such as ``"8/255"`` (parsed, never evaluated).
-
-    Other values are returned unchanged; a malformed fraction raises ``ValueError`` naming ``name``.
-    """
-    if isinstance(value, str) and "/" in value:
-        m = _FRACTION.match(value)
-        if not m or float(m.group(2)) == 0:
-            raise ValueError(f"{name} must be a number or a fraction like '8/255', got {value!r}.")
-        return float(m.group(1)) / float(m.group(2))
-    return value
-
 
 #: parameters whose values are intensity budgets (printed as ``k/255`` when they are multiples)
 BUDGET_KEYS = ("eps", "alpha", "sigma")
@@ -261,29 +242,3 @@ class EvalConfig:
             raise ValueError(f"max_cases must be >= 1, got {self.max_cases}.")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}.")
-
-
-@dataclass
-class RunConfig:
-    """A whole pipeline run (``volattack benchmark``): optional phantoms, training, evaluation.
-
-    ``phantoms`` (when set) generates the dataset first and points ``data.datalist`` at it.
-    """
-
-    seed: int = 0
-    output_dir: str = "runs/run"
-    phantoms: Optional[PhantomConfig] = None
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: Optional[TrainConfig] = None
-    evaluate: EvalConfig = field(default_factory=EvalConfig)
-
-    def __post_init__(self) -> None:
-        if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}.")
-        self.data.preprocess.validate()
-
-
-def is_finite_number(v: Any) -> bool:
-    """True for finite ints/floats (not bools)."""
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)

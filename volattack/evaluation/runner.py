@@ -6,7 +6,7 @@ adversarial predictions with ``volattack.metrics``:
 
 - ``volume`` threat model: the attack runs end to end through the same sliding-window
   inference that scores it (exact gradient; with
-  :class:`volattack.attacks.sliding.WindowedInferer` when available, memory does not grow
+  :class:`volattack.inference.sliding.WindowedInferer` when available, memory does not grow
   with the activations of all windows);
 - ``patch`` threat model: the published protocol (tile, attack each tile through the bare
   model, stitch), see :mod:`volattack.evaluation.patchwise`.
@@ -26,7 +26,7 @@ whole volume when one window covers it). The undefended model's clean Dice is re
 so the report shows what the defence costs. Randomised transforms and EOT are reseeded from
 the case seed before the clean prediction and before every attack, so results depend neither
 on the order or sharding of cases nor on the other attacks of the suite. (With a randomised
-defence, :class:`~volattack.attacks.sliding.WindowedInferer` recomputes each window in the
+defence, :class:`~volattack.inference.sliding.WindowedInferer` recomputes each window in the
 backward pass with fresh EOT draws: the gradient is then a second EOT estimate of the same
 expected gradient, not the gradient of the exact draws of the forward pass.)
 
@@ -52,9 +52,11 @@ from typing import TYPE_CHECKING, Any, Optional, Sequence
 import torch
 from torch import nn
 
-from volattack.configs import dump_yaml, to_dict
+from volattack.config import dump_yaml, to_dict
 from volattack.data.config import PreprocessConfig
 from volattack.evaluation.config import DefenseConfig, EvalConfig
+from volattack.inference import make_inferer
+from volattack.ops import seed_from
 from volattack.utils import atomic_write_json, atomic_write_text, versions
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -117,36 +119,6 @@ def score(pred: torch.Tensor, label: torch.Tensor, num_classes: int, spacing: Se
 
 def _config_key(payload: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _dist_info() -> tuple[int, int]:
-    """(rank, world size); initialises a gloo/nccl process group under torchrun if needed."""
-    ws = int(os.environ.get("WORLD_SIZE", "1"))
-    if ws <= 1 or not torch.distributed.is_available():
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend=backend)
-    return dist.get_rank(), dist.get_world_size()
-
-
-def make_inferer(roi: Sequence[int], sw_batch_size: int, overlap: float, cval: float = 0.0) -> Any:
-    """Gaussian-weighted sliding-window inferer with exact, memory-bounded input gradients
-    (:class:`~volattack.attacks.sliding.WindowedInferer`, MONAI's windowing).
-
-    Args:
-        roi: window size in voxels.
-        sw_batch_size: windows per forward pass.
-        overlap: window overlap in [0, 1).
-        cval: value that pads a volume smaller than the window; pass ``b_min`` (air), the value
-            training pads crops with, so the model sees what it was trained on.
-    """
-    from volattack.attacks.sliding import WindowedInferer
-
-    return WindowedInferer(roi_size=list(roi), sw_batch_size=sw_batch_size, overlap=overlap, mode="gaussian",
-                           cval=float(cval))
 
 
 #: ``evaluate.defense.transforms[].name`` -> class name in :mod:`volattack.defenses.input_transforms`
@@ -220,13 +192,6 @@ def describe_defense(defended: "DefendedModel") -> str:
     import re
 
     return re.sub(r", bpda='\w+'|bpda='\w+'(, )?", "", defended.describe())
-
-
-def _seed_from(*values: int) -> int:
-    """A 63-bit seed mixed from integers (numpy ``SeedSequence``), for independent streams."""
-    import numpy as np
-
-    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(2, np.uint64)[0] >> np.uint64(1))
 
 
 class _Evaluator:
@@ -303,7 +268,7 @@ class _Evaluator:
 
         for j, m in enumerate(self.defended.modules()):  # the defender's draws
             if isinstance(m, RandomNoise):
-                m.generator.manual_seed(_seed_from(case_seed, m.seed, j, 1))
+                m.generator.manual_seed(seed_from(case_seed, m.seed, j, 1))
         for root in (self.adaptive, self.crafting_adaptive):  # the attacker's EOT draws
             for m in root.modules():  # type: ignore[union-attr]
                 if isinstance(m, EOTModel):
@@ -465,16 +430,16 @@ def evaluate(
     import volattack
     from volattack.utils import resolve_device
 
-    rank, world = _dist_info()
+    from volattack.distributed import setup_distributed
+
+    dist_ctx, device = setup_distributed(resolve_device(eval_cfg.device))
+    rank, world = dist_ctx.rank, dist_ctx.world
     out = Path(out_dir)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "cases").mkdir(exist_ok=True)
         if run_config is not None:
             atomic_write_text(out / "config.yaml", dump_yaml(run_config))
-    device = resolve_device(eval_cfg.device)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", rank % torch.cuda.device_count())
     model = model.to(device).eval()
     if surrogate is not None:
         surrogate = surrogate.to(device).eval()
@@ -518,10 +483,9 @@ def evaluate(
         atomic_write_json(path, per_case[i])
     seconds = time.perf_counter() - t_start
     if world > 1:
-        import torch.distributed as dist
+        from volattack.distributed import all_gather_objects
 
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, (per_case, failed, seconds))
+        gathered = all_gather_objects(dist_ctx, (per_case, failed, seconds))
         per_case, failed = {}, {}
         seconds = max(g[2] for g in gathered)
         for pc, fl, _ in gathered:
@@ -572,8 +536,9 @@ def evaluate(
             except ImportError as e:  # pragma: no cover
                 logger.warning("no figure: %s", e)
         write_report(results, out)
-    if world > 1:
-        torch.distributed.barrier()
+    from volattack.distributed import barrier
+
+    barrier(dist_ctx, device)
     return results
 
 

@@ -11,7 +11,7 @@ from monai.inferers import SlidingWindowInferer, sliding_window_inference
 from torch import nn
 
 import volattack
-from volattack.attacks.sliding import WindowedInferer, full_graph_inferer
+from volattack.inference.sliding import WindowedInferer, full_graph_inferer
 
 
 def _net(seed: int = 0, in_channels: int = 1, k: int = 3, dtype: torch.dtype = torch.float32) -> nn.Module:
@@ -287,7 +287,7 @@ def test_attack_swaps_monai_inferer_for_the_windowed_one():
     import volattack
     from monai.inferers import SlidingWindowInferer
 
-    from volattack.attacks.sliding import WindowedInferer
+    from volattack.inference.sliding import WindowedInferer
 
     model = torch.nn.Conv3d(1, 2, 3, padding=1)
     atk = volattack.create_attack("pgd", model, inferer=SlidingWindowInferer(roi_size=(8, 8, 8), overlap=0.25))

@@ -62,6 +62,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from volattack.ops import first_head
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["WindowedInferer", "full_graph_inferer"]
@@ -347,9 +349,7 @@ class WindowedInferer:
         return xp[batch[0]]
 
     def _run(self, network: Network, win: torch.Tensor, roi: tuple[int, ...]) -> torch.Tensor:
-        out = network(win)
-        if isinstance(out, (tuple, list)):  # deep supervision: first head
-            out = out[0]
+        out = first_head(network(win))
         if not torch.is_tensor(out):
             raise ValueError(f"network must return a tensor (or a tuple/list of them), got {type(out).__name__}.")
         if out.ndim != win.ndim or out.shape[0] != win.shape[0] or tuple(out.shape[2:]) != roi:

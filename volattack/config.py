@@ -1,4 +1,5 @@
-"""Typed configuration: YAML (``yaml.safe_load``) -> nested dataclasses.
+"""Typed configuration: YAML (``yaml.safe_load``) -> nested dataclasses, and :class:`RunConfig`,
+the whole pipeline's configuration (phantoms, data, model, training, evaluation).
 
 Rules:
 - Unknown keys are rejected with the dotted path and a "did you mean" suggestion.
@@ -12,14 +13,19 @@ Rules:
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 import os
 import types
 import typing
 from pathlib import Path
-from typing import Any, Mapping, Sequence, TypeVar
+from typing import Any, Mapping, Optional, Sequence, TypeVar
 
 import yaml
 
+from volattack.checks import parse_number
+from volattack.data.config import DataConfig, PhantomConfig
+from volattack.evaluation.config import EvalConfig
+from volattack.models.config import ModelConfig, TrainConfig
 from volattack.registry import suggest
 
 C = TypeVar("C")
@@ -104,15 +110,10 @@ def _parse_float_text(text: str, path: str) -> Any:
     """Parse ``"1e-3"`` or a fraction ``"8/255"`` (never evaluated); other text is returned as is."""
     t = text.strip()
     if "/" in t:
-        parts = t.split("/")
-        if len(parts) == 2:
-            try:
-                num, den = float(parts[0]), float(parts[1])
-                if den != 0:
-                    return num / den
-            except ValueError:
-                pass
-        return text
+        try:
+            return parse_number(t, path)
+        except ValueError:
+            return text
     try:
         return float(t)
     except ValueError:
@@ -226,3 +227,24 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
 def dump_yaml(obj: Any) -> str:
     """YAML text of a dataclass tree or mapping (stable key order)."""
     return yaml.safe_dump(to_dict(obj), sort_keys=False)
+
+
+@dataclass
+class RunConfig:
+    """A whole pipeline run (``volattack benchmark``): optional phantoms, training, evaluation.
+
+    ``phantoms`` (when set) generates the dataset first and points ``data.datalist`` at it.
+    """
+
+    seed: int = 0
+    output_dir: str = "runs/run"
+    phantoms: Optional[PhantomConfig] = None
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: Optional[TrainConfig] = None
+    evaluate: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self) -> None:
+        if self.seed < 0:
+            raise ValueError(f"seed must be >= 0, got {self.seed}.")
+        self.data.preprocess.validate()
