@@ -1,4 +1,5 @@
-"""One contract test over every registered attack (DESIGN.md, "Attack" contract)."""
+"""One contract test over every registered attack: the promises of ``volattack.attacks.base``
+(module docstring) and of the README's Python API section, checked for every name in the registry."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import torch
 from torch import nn
 
 import volattack
+from volattack import measure, metrics
 from volattack.attacks.base import Attack
 
 # keep every attack cheap; attacks without a steps argument take no extras
@@ -53,16 +55,69 @@ def test_contract(name, tiny_model, tiny_batch):
     assert [m.training for m in tiny_model.modules()] == modes
     assert all(p.grad is None for p in tiny_model.parameters())
     # measured budget reported
-    for key in ("linf", "rms", "ssim", "seed", "seconds"):
+    for key in ("linf", "rms", "l2", "psnr", "ssim", "seed", "seconds", "steps_run", "restarts", "sample_ids"):
         assert key in res.info
     assert res.info["seed"] == 3
+    assert res.info["sample_ids"] == [0, 1]
     # seeded replay bit for bit
     again = make(name, tiny_model, seed=3)(x, y)
     assert torch.equal(adv, again)
-    # batch of two equals each sample alone
-    a0 = make(name, tiny_model, seed=3)(x[:1], y[:1])
-    a1 = make(name, tiny_model, seed=3)(x[1:], y[1:])
-    torch.testing.assert_close(torch.cat([a0, a1]), adv, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_batch_equals_its_samples_attacked_alone_with_their_ids(name, tiny_model, tiny_batch):
+    x, y = tiny_batch
+    both = make(name, tiny_model, seed=3).run(x, y, sample_ids=[3, 7])
+    assert both.info["sample_ids"] == [3, 7]
+    a0 = make(name, tiny_model, seed=3)(x[:1], y[:1], sample_ids=[3])
+    a1 = make(name, tiny_model, seed=3)(x[1:], y[1:], sample_ids=[7])
+    torch.testing.assert_close(torch.cat([a0, a1]), both.adv, rtol=0, atol=1e-6)
+    # seeded replay with explicit ids is bit for bit too
+    assert torch.equal(make(name, tiny_model, seed=3)(x, y, sample_ids=[3, 7]), both.adv)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_samples_of_one_batch_get_their_own_random_draws(name, tiny_model, tiny_batch):
+    """Two identical samples in one batch: different results for attacks that draw random numbers
+    (each sample has its own stream), identical ones for deterministic attacks."""
+    x, y = tiny_batch
+    xx, yy = x[:1].repeat(2, 1, 1, 1, 1), y[:1].repeat(2, 1, 1, 1, 1)
+    atk = make(name, tiny_model, seed=3)
+    adv = atk(xx, yy)
+    if atk.is_random:
+        assert float((adv[0] - adv[1]).abs().max()) > 0, f"{name}: both samples got the same draw"
+        # and a sample's draw follows its id, not its position in the batch
+        swapped = atk(xx, yy, sample_ids=[1, 0])
+        torch.testing.assert_close(swapped, adv.flip(0), rtol=0, atol=1e-6)
+    else:
+        torch.testing.assert_close(adv[0], adv[1], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_info_is_the_one_measurement(name, tiny_model, tiny_batch):
+    """info holds exactly volattack.measure.perturbation_stats of (input, result), and its SSIM is
+    bit for bit measure.ssim3d == metrics.ssim3d of the same pair."""
+    x, y = tiny_batch
+    res = make(name, tiny_model, seed=1, unit_scale=425.0).run(x, y)
+    stats = measure.perturbation_stats(x, res.adv, data_range=(0.0, 1.0), unit_scale=425.0)
+    assert set(stats) == {"linf", "rms", "l2", "psnr", "ssim", "linf_units", "rms_units"}
+    for key, value in stats.items():
+        assert res.info[key] == value.tolist(), key
+    assert res.info["ssim"] == measure.ssim3d(x, res.adv, data_range=1.0).tolist()
+    assert res.info["ssim"] == metrics.ssim3d(x, res.adv, data_range=1.0).tolist()
+    assert metrics.ssim3d is measure.ssim3d and metrics.perturbation_stats is measure.perturbation_stats
+
+
+@pytest.mark.parametrize("bad, match", [
+    ([0], r"sample_ids must hold one id per sample \(2\), got 1"),
+    ([0, -1], r"sample_ids must be non-negative integers, got -1"),
+    ([0, 1.5], r"sample_ids must be non-negative integers, got 1.5"),
+    ("ab", r"sample_ids must be a sequence of 2 non-negative integers, got 'ab'"),
+])
+def test_bad_sample_ids(bad, match, tiny_model, tiny_batch):
+    x, y = tiny_batch
+    with pytest.raises(ValueError, match=match):
+        make("pgd", tiny_model).run(x, y, sample_ids=bad)
 
 
 class Exploding(nn.Module):

@@ -396,48 +396,62 @@ def test_batch_equals_each_sample_alone_on_saturated_volumes(name, kw):
     x[..., 12:, :] = 1.0
     atk = volattack.create_attack(name, model, steps=4, seed=5, **kw)
     both = atk(x, y)
-    alone = torch.cat([atk(x[:1], y[:1]), atk(x[1:], y[1:])])
+    alone = torch.cat([atk(x[:1], y[:1], sample_ids=[0]), atk(x[1:], y[1:], sample_ids=[1])])
     torch.testing.assert_close(alone, both, rtol=0, atol=1e-6)
     assert float(both.min()) >= 0.0 and float(both.max()) <= 1.0
 
 
-@pytest.mark.parametrize("block,win", [(8, 3), (4, 3), (2, 3), (8, 5)])
-def test_cached_patch_ssim_matches_monai_value_and_gradient(block, win):
-    """The attacks' cached PatchSSIM equals patch_ssim (MONAI compute_ssim_and_cs) in value and gradient."""
-    from volattack.attacks.frequency import PatchSSIM, patch_ssim
+def _fold_blocks(t: torch.Tensor) -> torch.Tensor:
+    """(B, C, nH, nW, nD, b, b, b) -> (B * N, C, b, b, b): every block as its own volume."""
+    c, bs = t.shape[1], t.shape[-3:]
+    return t.flatten(2, -4).transpose(1, 2).reshape(-1, c, *bs)
+
+
+@pytest.mark.parametrize("block,win", [(8, 3), (4, 3), (3, 3), (2, 3), (8, 5)])
+def test_patch_ssim_objective_is_the_reported_ssim_of_each_block(block, win):
+    """The VAFA/SA^2 objective PatchSSIM is measure.ssim3d (the one SSIM code) of each block with the
+    objective's window, averaged over blocks; it equals MONAI's compute_ssim_and_cs on the blocks, in
+    value and gradient (window shrunk to fit like ssim3d: 3 for 3^3+ blocks, 1 for 2^3 blocks)."""
+    from monai.metrics.regression import compute_ssim_and_cs
+
+    from volattack.attacks.spectral_base import PatchSSIM
+    from volattack.measure import ssim3d, ssim_window
 
     g = torch.Generator().manual_seed(3)
-    x = torch.rand(2, 1, 16, 16, 8, generator=g)
+    x = torch.rand(2, 1, 16, 16, 12, generator=g)
     y0 = (x + 0.1 * torch.randn(x.shape, generator=g)).clamp(0, 1)
     ref = block_split(x, block)
     y1 = y0.clone().requires_grad_(True)
     y2 = y0.clone().requires_grad_(True)
-    a = patch_ssim(ref, block_split(y1, block), win_size=win)
-    b = PatchSSIM(ref, win_size=win)(block_split(y2, block))
-    assert a.shape == b.shape == (2,)
-    assert torch.allclose(a, b, atol=1e-6)
-    assert bool((a < 1).all())  # the distortion is visible to both
-    (ga,) = torch.autograd.grad(a.sum(), y1)
-    (gb,) = torch.autograd.grad(b.sum(), y2)
+    got = PatchSSIM(ref, win_size=win)(block_split(y1, block))
+    assert got.shape == (2,) and bool((got < 1).all())  # the distortion is visible
+    per_block = ssim3d(_fold_blocks(ref), _fold_blocks(block_split(y0, block)), win_size=win)
+    torch.testing.assert_close(got.detach(), per_block.reshape(2, -1).mean(1), rtol=0, atol=1e-6)
+    w = ssim_window((block,) * 3, win)
+    s, _ = compute_ssim_and_cs(_fold_blocks(block_split(y2, block)), _fold_blocks(ref), spatial_dims=3,
+                               kernel_size=w, kernel_sigma=[1.5] * 3, data_range=1.0, kernel_type="gaussian")
+    monai = s.reshape(2, -1).mean(dim=1)
+    torch.testing.assert_close(got, monai, rtol=0, atol=1e-6)
+    (ga,) = torch.autograd.grad(got.sum(), y1)
+    (gb,) = torch.autograd.grad(monai.sum(), y2)
     assert ga.abs().max() > 0
-    assert torch.allclose(ga, gb, atol=1e-6, rtol=1e-4)
-    assert torch.allclose(PatchSSIM(ref, win_size=win)(ref), torch.ones(2), atol=1e-6)
+    torch.testing.assert_close(ga, gb, atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(PatchSSIM(ref, win_size=win)(ref), torch.ones(2), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("shape,win", [((2, 1, 20, 18, 9), 7), ((1, 2, 16, 16, 16), 3), ((1, 1, 12, 10, 6), 11)])
 def test_reported_ssim_equals_monai(shape, win):
-    """The SSIM every attack reports (separable einsum window) equals MONAI's compute_ssim_and_cs."""
+    """The one reported SSIM (volattack.measure.ssim3d: separable einsum window, shrunk per axis)
+    equals MONAI's compute_ssim_and_cs with the same per-axis window."""
     from monai.metrics.regression import compute_ssim_and_cs
 
-    from volattack.attacks.base import ssim
+    from volattack.measure import ssim3d, ssim_window
 
     g = torch.Generator().manual_seed(0)
     x = torch.rand(shape, generator=g)
     y = x + 0.1 * torch.randn(shape, generator=g)
-    w = min(win, *shape[2:])
-    w -= 1 - w % 2
-    ref, _ = compute_ssim_and_cs(y, x, 3, [w] * 3, [1.5] * 3, data_range=2.0)
-    got = ssim(x, y, data_range=2.0, win_size=win)
+    ref, _ = compute_ssim_and_cs(y, x, 3, ssim_window(shape[2:], win), [1.5] * 3, data_range=2.0)
+    got = ssim3d(x, y, data_range=2.0, win_size=win)
     assert got.shape == (shape[0],)
     assert torch.allclose(got, ref.flatten(1).mean(dim=1), atol=1e-6)
-    assert torch.allclose(ssim(x, x), torch.ones(shape[0]), atol=1e-6)
+    assert torch.allclose(ssim3d(x, x), torch.ones(shape[0]), atol=1e-6)

@@ -8,10 +8,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import volattack
 from volattack.attacks.objectives import (
+    OBJECTIVES,
     check_objective,
     cosine_weights,
+    list_objectives,
     objective_per_sample,
+    register_objective,
     segpgd_lambda,
 )
 
@@ -101,3 +105,66 @@ def test_dice_loss_by_hand():
 def test_unknown_objective():
     with pytest.raises(ValueError, match="objective must be one of .* got 'dice-ce'. Did you mean 'dice_ce'"):
         check_objective("dice-ce")
+
+
+# ------------------------------------------------------------------ the objective registry
+
+def test_registry_holds_the_published_objectives():
+    assert {"ce", "dice", "dice_ce", "segpgd", "cospgd"} <= set(list_objectives())
+    assert ", ".join(OBJECTIVES) == ", ".join(list_objectives())  # what `volattack list` prints
+
+
+def _batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(3, 4, 5, 6, 7, generator=g)
+    labels = torch.randint(0, 4, (3, 1, 5, 6, 7), generator=g)
+    return logits, labels
+
+
+@pytest.mark.parametrize("kind", list_objectives())
+@pytest.mark.parametrize("targeted", [False, True])
+def test_objective_contract(kind, targeted):
+    """Every registered objective: one finite value per sample, a batch equals its samples alone,
+    finite non-zero gradients with respect to the logits."""
+    logits, labels = _batch()
+    lg = logits.clone().requires_grad_(True)
+    out = objective_per_sample(lg, labels, kind, step=2, steps=5, targeted=targeted)
+    assert out.shape == (3,) and bool(torch.isfinite(out).all())
+    single = torch.cat([
+        objective_per_sample(logits[i : i + 1], labels[i : i + 1], kind, step=2, steps=5, targeted=targeted)
+        for i in range(3)
+    ])
+    torch.testing.assert_close(out.detach(), single)
+    (g,) = torch.autograd.grad(out.sum(), lg)
+    assert bool(torch.isfinite(g).all()) and float(g.abs().sum()) > 0
+    # sample 0's value depends on sample 0's logits only
+    assert float(g[1:].abs().sum()) > 0
+    (g0,) = torch.autograd.grad(objective_per_sample(lg, labels, kind, step=2, steps=5)[0], lg)
+    assert float(g0[1:].abs().sum()) == 0.0
+
+
+def test_adding_an_objective_is_one_decorated_function(tiny_model, tiny_batch):
+    @register_objective("test_background_logit")
+    def background_logit(logits, labels, *, step, steps, targeted):
+        return logits[:, 0].flatten(1).mean(dim=1)
+
+    try:
+        assert "test_background_logit" in list_objectives()
+        x, y = tiny_batch
+        atk = volattack.create_attack("pgd", tiny_model, steps=2, objective="test_background_logit")
+        adv = atk(x, y)
+        with torch.no_grad():
+            tiny_model.eval()
+            assert bool((background_logit(tiny_model(adv), y, step=1, steps=1, targeted=False)
+                         > background_logit(tiny_model(x), y, step=1, steps=1, targeted=False)).all())
+        with pytest.raises(ValueError, match="objective 'test_background_logit' is already registered"):
+            register_objective("test_background_logit")(lambda *a, **k: None)
+    finally:
+        OBJECTIVES._items.pop("test_background_logit")
+
+
+def test_unknown_objective_suggests_a_name():
+    with pytest.raises(ValueError, match=r"objective must be one of ce, cospgd, .* got 'segpdg'. Did you mean 'segpgd'"):
+        objective_per_sample(*_batch(), "segpdg")
+    with pytest.raises(ValueError, match="objective must be one of"):
+        volattack.create_attack("sa2", torch.nn.Conv3d(1, 2, 1), objective="dicee")

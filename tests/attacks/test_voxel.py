@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import volattack
 from volattack.attacks.objectives import hard_foreground_dice
-from volattack.attacks.voxel import apgd_checkpoints
+from volattack.attacks.apgd import apgd_checkpoints
 
 
 def _task(n: int, seed: int):
@@ -117,16 +117,26 @@ def test_targeted_needs_a_target(model_and_data):
 
 
 def test_restarts_keep_the_per_sample_best(model_and_data):
+    """restarts=3 returns, per sample, the restart with the highest final objective; restart r
+    draws from RandomStreams(seed, ids, r), restart 0 is the plain call."""
     model, x, y = model_and_data
+    from volattack.attacks.base import eval_mode
     from volattack.attacks.objectives import objective_per_sample
+    from volattack.attacks.streams import RandomStreams
 
     kw = dict(eps=2 / 255, steps=3, objective="ce")
-    single = [volattack.create_attack("pgd", model, seed=s, **kw)(x, y) for s in (0, 1, 2)]
-    best = volattack.create_attack("pgd", model, seed=0, restarts=3, **kw)(x, y)
+    atk = volattack.create_attack("pgd", model, seed=0, **kw)
+    with eval_mode(model):
+        runs = [atk._attack(x, y, None, None, RandomStreams(0, [0, 1], r))[0] for r in range(3)]
+    assert torch.equal(runs[0], atk(x, y))  # restart 0 is the plain call
+    best = volattack.create_attack("pgd", model, seed=0, restarts=3, **kw).run(x, y)
     with torch.no_grad():
-        losses = torch.stack([objective_per_sample(model(a), y, "ce") for a in single])
-        lb = objective_per_sample(model(best), y, "ce")
+        losses = torch.stack([objective_per_sample(model(a), y, "ce") for a in runs])
+        lb = objective_per_sample(model(best.adv), y, "ce")
     torch.testing.assert_close(lb, losses.max(0).values)
+    assert best.info["restarts"] == 3
+    assert best.info["restart_best"] == losses.argmax(0).tolist()
+    assert len(set(map(tuple, (r.flatten().tolist()[:50] for r in runs)))) == 3  # independent draws
 
 
 def test_early_stop_freezes_successful_samples(model_and_data):

@@ -1,4 +1,5 @@
-"""Known-value, rule and bad-input tests of volattack.metrics.perceptibility."""
+"""Known-value, rule and bad-input tests of the one perturbation measurement (volattack.measure,
+re-exported by volattack.metrics.perceptibility)."""
 
 from __future__ import annotations
 
@@ -142,3 +143,39 @@ def test_ssim_bad_inputs() -> None:
         ssim3d(x, x, kernel_type="box")
     with pytest.raises(ValueError, match=r"kernel_sigma must be a positive number, got -1"):
         ssim3d(x, x, kernel_sigma=-1)
+
+
+def test_one_ssim_everywhere() -> None:
+    """metrics re-exports measure's functions; an attack's info["ssim"] is that number, bit for bit,
+    also on an anisotropic volume whose window shrinks along one axis only (7, 7, 5)."""
+    import volattack
+    from volattack import measure
+    from volattack.metrics import perceptibility
+
+    assert ssim3d is measure.ssim3d is perceptibility.ssim3d
+    assert perturbation_stats is measure.perturbation_stats
+    torch.manual_seed(0)
+    model = torch.nn.Conv3d(1, 2, 3, padding=1)
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 1, 12, 10, 6, generator=g)
+    y = torch.randint(0, 2, (2, 1, 12, 10, 6), generator=g)
+    for name, kw in (("pgd", {}), ("vafa", {"block_size": 2})):
+        res = volattack.create_attack(name, model, steps=2, **kw).run(x, y)
+        assert res.info["ssim"] == ssim3d(x, res.adv).tolist()
+        assert res.info["ssim"] == perturbation_stats(x, res.adv)["ssim"].tolist()
+
+
+def test_ssim_identical_is_exactly_one() -> None:
+    x = torch.rand(2, 3, 9, 8, 7, generator=torch.Generator().manual_seed(6))
+    assert torch.equal(ssim3d(x, x), torch.ones(2))
+
+
+def test_ssim_of_constant_volumes_by_hand() -> None:
+    # constant images: every local variance and covariance is 0, so SSIM = luminance term
+    # (2ab + C1) / (a^2 + b^2 + C1) with C1 = (0.01 R)^2; for a = 0.5, b = 0.25, R = 1:
+    # (0.25 + 1e-4) / (0.3125 + 1e-4) = 0.800064...
+    a = torch.full((1, 1, 9, 9, 9), 0.5, dtype=torch.float64)
+    b = torch.full((1, 1, 9, 9, 9), 0.25, dtype=torch.float64)
+    assert ssim3d(a, b).item() == pytest.approx(0.2501 / 0.3126, rel=1e-12)
+    # with R = 2, C1 = 4e-4
+    assert ssim3d(a, b, data_range=2.0).item() == pytest.approx(0.2504 / 0.3129, rel=1e-12)

@@ -1,7 +1,13 @@
-"""Attacks: the contract (``base``), objectives, voxel-domain and frequency-domain attacks.
+"""Attacks: the contract (``base``), objectives (a registry), voxel-domain attacks (``voxel``,
+``apgd``) and frequency-domain attacks (``vafa``, ``sa2``, ``fft`` on ``spectral_base``).
 
-Importing this package registers every attack.
+Importing this package registers every attack: every module of the package is imported here,
+so a new attack is one new file with one ``@register_attack(name)`` class (and the contract
+test covers it; README, "Contributing").
 """
+
+import importlib
+import pkgutil
 
 from volattack.attacks.base import (
     ATTACKS,
@@ -12,16 +18,21 @@ from volattack.attacks.base import (
     list_attacks,
     register_attack,
 )
-from volattack.attacks import voxel  # noqa: F401  (registers gn, fgsm, bim, pgd, pgd_l2, segpgd, cospgd, apgd)
+from volattack.attacks.objectives import list_objectives, register_objective
+from volattack.attacks.streams import RandomStreams
 
-from volattack.attacks import frequency  # noqa: F401  (registers vafa, sa2, fft)
+for _module in pkgutil.iter_modules(__path__):  # every attack file registers itself on import
+    importlib.import_module(f"{__name__}.{_module.name}")
 
 __all__ = [
     "ATTACKS",
     "Attack",
     "AttackResult",
+    "RandomStreams",
     "create_attack",
     "eval_mode",
     "list_attacks",
+    "list_objectives",
     "register_attack",
+    "register_objective",
 ]

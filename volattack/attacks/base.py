@@ -11,17 +11,28 @@ subclasses only implement :meth:`Attack._attack`:
   with respect to the perturbation only, so no parameter ``.grad`` is written;
 - inputs are never modified in place; the result is detached and keeps shape,
   dtype and device;
-- random draws come from a local ``torch.Generator`` seeded per call, drawn per
-  sample, so a seeded call replays bit for bit on CPU and a sample's result does
-  not depend on the other samples of its batch;
+- every random draw of sample b comes from its own generator seeded with
+  ``volattack.ops.seed_from(seed, sample_ids[b])``
+  (:class:`~volattack.attacks.streams.RandomStreams`), so a seeded call replays bit for bit
+  on CPU, a batch equals its samples attacked alone with their ids, and two samples of one
+  batch never share a random start;
+- ``restarts`` (attacks that draw random numbers) keep the per-sample best result by the
+  attack's objective; options an attack cannot honour (``early_stop`` on an attack without
+  it, restarts of a deterministic attack) are rejected when it is constructed, with the
+  reason;
 - the result is checked against the bounds (and the budget, for attacks that
-  have one) and its measured budget (L-inf, RMS in input units and in source
-  units such as HU, SSIM) is reported in ``AttackResult.info``.
+  have one) and its measured budget (:func:`volattack.measure.perturbation_stats`: L-inf, L2,
+  RMS in input units and in source units such as HU, PSNR, the one 3D SSIM) is reported per
+  sample in ``AttackResult.info``.
+
+Adding an attack is one decorated subclass implementing :meth:`Attack._attack`; the
+contract test (``tests/attacks/test_contract.py``) covers it through the registry.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -31,9 +42,13 @@ from typing import Any, Callable, ClassVar, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
+from volattack.attacks.inputs import check_images, check_labels, check_mask, parse_amp_dtype
+from volattack.attacks.objectives import objective_per_sample
+from volattack.attacks.streams import RandomStreams, check_sample_ids
 from volattack.checks import check_number
 from volattack.inference.sliding import WindowedInferer
-from volattack.ops import first_head
+from volattack.measure import perturbation_stats
+from volattack.ops import first_head, per_sample_view
 from volattack.registry import Registry
 
 logger = logging.getLogger(__name__)
@@ -77,10 +92,12 @@ class AttackResult:
 
     Attributes:
         adv: adversarial images, same shape/dtype/device as the input, detached.
-        info: measured budget and bookkeeping. Per-sample lists of floats:
-            ``linf`` and ``rms`` (input units), ``linf_units`` and ``rms_units``
-            (source units such as HU, when ``unit_scale`` was given), ``ssim``;
-            scalars: ``steps_run``, ``seconds``, ``seed``, ``attack``; attack-specific extras.
+        info: measured budget and bookkeeping. Per-sample lists of floats, exactly
+            :func:`volattack.measure.perturbation_stats` of (input, result): ``linf``, ``l2``
+            and ``rms`` (input units), ``linf_units`` and ``rms_units`` (source units such as
+            HU, when ``unit_scale`` was given), ``psnr`` (dB), ``ssim`` (the one 3D SSIM);
+            ``sample_ids`` (list of ints); scalars: ``steps_run``, ``restarts``, ``seconds``,
+            ``seed``, ``attack``, ``targeted``; attack-specific extras (e.g. VAFA's ``q_mean``).
     """
 
     adv: torch.Tensor
@@ -99,13 +116,32 @@ def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
             m.training = mode
 
 
+def _checked_init(init: Callable[..., None]) -> Callable[..., None]:
+    """Wrap a subclass ``__init__`` so that :meth:`Attack.check_options` runs once, after the
+    outermost constructor of the instance has finished (so every subclass attribute is set)."""
+
+    @functools.wraps(init)
+    def __init__(self: "Attack", *args: Any, **kwargs: Any) -> None:
+        outer = not self.__dict__.get("_constructing", False)
+        self.__dict__["_constructing"] = True
+        try:
+            init(self, *args, **kwargs)
+        finally:
+            if outer:
+                del self.__dict__["_constructing"]
+        if outer:
+            self.check_options()
+
+    return __init__
+
+
 class Attack:
     """Base class of all attacks (see the module docstring for the contract).
 
     Args:
         model: ``nn.Module`` mapping images ``(B, C, *spatial)`` to logits ``(B, K, *spatial)``.
         bounds: ``(lo, hi)`` valid input range; adversarial images are clamped into it.
-        seed: seed of the per-call ``torch.Generator`` (recorded in ``info["seed"]``).
+        seed: base seed of the per-sample random streams (recorded in ``info["seed"]``).
         targeted: minimise the objective toward ``target_labels`` instead of maximising it.
         target_labels: target label map ``(B, 1, *spatial)`` or a function ``labels -> target``
             (e.g. relabel organ k as background); may also be given per call to :meth:`run`.
@@ -117,9 +153,16 @@ class Attack:
             ``2 + spatial_dims`` dimensions.
         unit_scale: source units per input unit (e.g. 425 HU per unit for the HU window
             [-175, 250] mapped to [0, 1]); enables ``linf_units``/``rms_units`` in ``info``.
-        amp_dtype: run the model under ``torch.autocast`` with this dtype (``torch.float16``
-            or ``torch.bfloat16``); losses are computed in float32.
+        amp_dtype: run the model under ``torch.autocast`` with this dtype (``torch.float16``,
+            ``torch.bfloat16`` or the strings ``"float16"``/``"bfloat16"``); losses are float32.
         measure_ssim: compute the 3D SSIM between input and result for ``info``.
+        restarts: number of runs with independent random draws (>= 1); the per-sample best
+            (highest untargeted / lowest targeted objective at the last step) is kept. Only for
+            attacks that draw random numbers (:attr:`is_random`); each extra restart costs the
+            attack again plus one forward.
+        early_stop: if set (in [0, 1]), a sample stops once its foreground Dice is <= this
+            value (targeted: its Dice to the target is >= 1 - this value). Only for attacks
+            with :attr:`supports_early_stop`; costs one host sync per step.
 
     Shape:
         images ``(B, C, *spatial)`` float, labels ``(B, 1, *spatial)`` or ``(B, *spatial)`` integer.
@@ -128,6 +171,13 @@ class Attack:
     name: ClassVar[str] = "attack"
     #: attacks with an L-inf budget ``eps`` are checked against it after the attack
     linf_budget: ClassVar[bool] = False
+    #: whether the attack honours ``early_stop``
+    supports_early_stop: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _checked_init(cls.__dict__["__init__"])  # type: ignore[method-assign]
 
     def __init__(
         self,
@@ -141,8 +191,10 @@ class Attack:
         inferer: Optional[Callable[[torch.Tensor, nn.Module], torch.Tensor]] = None,
         spatial_dims: int = 3,
         unit_scale: Optional[float] = None,
-        amp_dtype: Optional[torch.dtype] = None,
+        amp_dtype: Union[torch.dtype, str, None] = None,
         measure_ssim: bool = True,
+        restarts: int = 1,
+        early_stop: Optional[float] = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
@@ -154,10 +206,11 @@ class Attack:
             raise ValueError(f"bounds must be finite with lo < hi, got {tuple(bounds)!r}.")
         check_number("seed", seed, low=0, integer=True)
         check_number("spatial_dims", spatial_dims, low=1, integer=True)
+        check_number("restarts", restarts, low=1, integer=True)
+        if early_stop is not None:
+            check_number("early_stop", early_stop, low=0, high=1)
         if unit_scale is not None:
             check_number("unit_scale", unit_scale, low=0, low_open=True)
-        if amp_dtype not in (None, torch.float16, torch.bfloat16):
-            raise ValueError(f"amp_dtype must be None, torch.float16 or torch.bfloat16, got {amp_dtype!r}.")
         if not isinstance(targeted, bool):
             raise ValueError(f"targeted must be True or False, got {targeted!r}.")
         if target_labels is not None and not (callable(target_labels) or torch.is_tensor(target_labels)):
@@ -183,8 +236,46 @@ class Attack:
         self.inferer = inferer
         self.spatial_dims = spatial_dims
         self.unit_scale = unit_scale
-        self.amp_dtype = amp_dtype
+        self.amp_dtype = parse_amp_dtype(amp_dtype)
         self.measure_ssim = measure_ssim
+        self.restarts = int(restarts)
+        self.early_stop = None if early_stop is None else float(early_stop)
+
+    # ---------------------------------------------------------- option checks
+    @property
+    def is_random(self) -> bool:
+        """Whether a call draws random numbers (then its result depends on ``seed`` and
+        ``sample_ids``); subclasses with random starts or noise override it."""
+        return False
+
+    def restart_problem(self) -> Optional[str]:
+        """Why ``restarts > 1`` cannot help this attack (None if it can)."""
+        if not self.is_random:
+            return (
+                f"{self.name} draws no random numbers with these options, so every restart would give the "
+                "same result"
+            )
+        return None
+
+    def check_options(self) -> None:
+        """Reject option combinations the attack cannot honour (runs after construction).
+
+        Raises:
+            ValueError: ``restarts > 1`` on an attack without random draws, or ``early_stop`` on
+                an attack that does not support it, with the reason.
+        """
+        if self.restarts > 1:
+            why = self.restart_problem()
+            if why:
+                raise ValueError(f"restarts={self.restarts} is not supported: {why}; use restarts=1.")
+        if self.early_stop is not None and not self.supports_early_stop:
+            raise ValueError(
+                f"early_stop={self.early_stop} is not supported by {self.name}: {self.early_stop_problem()}."
+            )
+
+    def early_stop_problem(self) -> str:
+        """Why this attack has no ``early_stop`` (used in the error message)."""
+        return "it has no step loop to stop"
 
     # ------------------------------------------------------------------ public API
     def __call__(self, images: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
@@ -199,6 +290,7 @@ class Attack:
         target_labels: TargetSpec = None,
         mask: Optional[torch.Tensor] = None,
         seed: Optional[int] = None,
+        sample_ids: Optional[Sequence[int]] = None,
     ) -> AttackResult:
         """Attack ``images`` whose ground truth is ``labels``.
 
@@ -208,34 +300,30 @@ class Attack:
             target_labels: overrides the constructor's target (targeted attacks only).
             mask: overrides the constructor's perturbation mask.
             seed: overrides the constructor's seed for this call.
+            sample_ids: B non-negative ints (default ``0 .. B-1``), e.g. the evaluation's case
+                index or the training step's crop index: sample b draws from
+                ``seed_from(seed, sample_ids[b])``, so its result does not depend on its batch.
 
         Returns:
             :class:`AttackResult` with the adversarial images and the measured budget.
         """
         x = self._check_images(images)
         y = self._check_labels(labels, x)
-        target_spec = target_labels if target_labels is not None else self.target_labels
-        if self.targeted and target_spec is None:
-            raise ValueError("targeted=True needs target_labels (a label map or a function of the labels).")
-        if not self.targeted and target_labels is not None:
-            raise ValueError("target_labels were given but targeted=False; pass targeted=True.")
-        target = None
-        if self.targeted:
-            target = target_spec(y) if callable(target_spec) else target_spec
-            target = self._check_labels(target, x, name="target_labels")
+        target = self._target(target_labels, y, x)
         m = self._check_mask(mask if mask is not None else self.mask, x)
         seed = self.seed if seed is None else seed
         check_number("seed", seed, low=0, integer=True)
+        ids = check_sample_ids(sample_ids, x.shape[0])
         t0 = time.perf_counter()
         with eval_mode(self.model):
-            adv, extra = self._attack(x, y, target, m, seed)
+            adv, extra = self._attack_restarts(x, y, target, m, RandomStreams(seed, ids))
         adv = adv.detach()
         if adv.shape != images.shape or adv.dtype != images.dtype or adv.device != images.device:
             raise RuntimeError(f"{self.name}: result does not match the input's shape/dtype/device.")
         seconds = time.perf_counter() - t0
         info = self.measure(images, adv)
         info.update(extra)
-        info.update(attack=self.name, seed=seed, seconds=seconds, targeted=self.targeted)
+        info.update(attack=self.name, seed=seed, seconds=seconds, targeted=self.targeted, sample_ids=list(ids))
         self._check_result(images, adv)
         return AttackResult(adv=adv, info=info)
 
@@ -260,14 +348,27 @@ class Attack:
         y: torch.Tensor,
         target: Optional[torch.Tensor],
         mask: Optional[torch.Tensor],
-        seed: int,
+        rng: RandomStreams,
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        """Return (adversarial images, extra info). ``x`` must not be modified.
+        """Return (adversarial images, extra info) of one run. ``x`` must not be modified; every
+        random draw comes from ``rng`` (per sample, e.g. :meth:`sample_noise`).
 
         Shape:
             x ``(B, C, *spatial)``; y and target ``(B, 1, *spatial)`` long; mask broadcastable to x or None.
         """
         raise NotImplementedError
+
+    def gain(self, logits: torch.Tensor, y: torch.Tensor, target: Optional[torch.Tensor], step: int) -> torch.Tensor:
+        """The attack's per-sample objective (``self.objective`` at 1-based ``step`` of ``self.steps``)
+        oriented for ascent: the objective against ``y``, or minus it against ``target`` when targeted.
+
+        Shape:
+            logits ``(B, K, *spatial)`` -> ``(B,)``.
+        """
+        steps = max(int(getattr(self, "steps", 1)), 1)
+        if target is None:
+            return objective_per_sample(logits, y, self.objective, step=step, steps=steps)
+        return -objective_per_sample(logits, target, self.objective, step=step, steps=steps, targeted=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits of the model (through ``inferer`` when set), float32, under autocast if asked."""
@@ -280,98 +381,69 @@ class Attack:
             out = self.inferer(x, self.model) if self.inferer is not None else self.model(x)
         return first_head(out).float()
 
-    def generator(self, seed: int) -> torch.Generator:
-        """A fresh CPU ``torch.Generator`` seeded with ``seed``."""
-        g = torch.Generator(device="cpu")
-        g.manual_seed(int(seed))
-        return g
+    def sample_noise(self, x: torch.Tensor, rng: RandomStreams, kind: str = "uniform") -> torch.Tensor:
+        """Per-sample noise shaped like ``x`` (``"uniform"`` in [-1, 1) or ``"normal"``): sample b's
+        draw comes from its own stream (see :class:`~volattack.attacks.streams.RandomStreams`).
 
-    def sample_noise(self, x: torch.Tensor, seed: int, kind: str = "uniform") -> torch.Tensor:
-        """Per-sample noise shaped like ``x``: one draw of shape ``x.shape[1:]`` from ``seed``, shared by
-        every sample, so a sample's noise does not depend on its batch (batch consistency).
-
-        ``kind``: ``"uniform"`` in [-1, 1) or ``"normal"`` (standard normal). Drawn on the CPU in
-        float32 (identical on every device), then moved to ``x``'s device and dtype.
+        Shape:
+            x ``(B, ...)`` -> same, on x's device and dtype.
         """
-        g = self.generator(seed)
-        shape = tuple(x.shape[1:])
-        if kind == "uniform":
-            n = torch.rand(shape, generator=g, dtype=torch.float32) * 2 - 1
-        elif kind == "normal":
-            n = torch.randn(shape, generator=g, dtype=torch.float32)
-        else:
-            raise ValueError(f"kind must be 'uniform' or 'normal', got {kind!r}.")
-        return n.to(device=x.device, dtype=x.dtype).unsqueeze(0).expand_as(x)
+        return rng.noise(x, kind)
 
     def clamp_to_bounds(self, x: torch.Tensor) -> torch.Tensor:
         """Clamp into ``bounds``."""
         return x.clamp(self.bounds[0], self.bounds[1])
 
+    # --------------------------------------------------------------- restarts
+    def _attack_restarts(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        target: Optional[torch.Tensor],
+        mask: Optional[torch.Tensor],
+        rng: RandomStreams,
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """:meth:`_attack` once, or ``restarts`` times with independent streams keeping, per sample,
+        the result with the highest :meth:`gain` at the last step (ties keep the earlier restart).
+        Per-sample list extras are taken from each sample's winning restart; ``steps_run`` is the
+        maximum; ``restart_best`` holds each sample's winning restart index."""
+        if self.restarts == 1:
+            adv, extra = self._attack(x, y, target, mask, rng)
+            return adv, {"steps_run": 0, **extra, "restarts": 1}
+        best_adv, best, extras, winner = None, None, [], None
+        for r in range(self.restarts):
+            adv, extra = self._attack(x, y, target, mask, rng.for_restart(r))
+            extras.append(extra)
+            with torch.no_grad():
+                score = self.gain(self.forward(adv), y, target, max(int(getattr(self, "steps", 1)), 1))
+            if best_adv is None:
+                best_adv, best, winner = adv, score, torch.zeros_like(score, dtype=torch.long)
+                continue
+            better = score > best
+            best_adv = torch.where(per_sample_view(better, x), adv, best_adv)
+            best = torch.where(better, score, best)
+            winner = torch.where(better, torch.full_like(winner, r), winner)
+        return best_adv, _merge_restart_info(extras, winner.tolist(), x.shape[0])
+
     # ----------------------------------------------------------------- checks
+    def _target(self, target_labels: TargetSpec, y: torch.Tensor, x: torch.Tensor) -> Optional[torch.Tensor]:
+        spec = target_labels if target_labels is not None else self.target_labels
+        if self.targeted and spec is None:
+            raise ValueError("targeted=True needs target_labels (a label map or a function of the labels).")
+        if not self.targeted and target_labels is not None:
+            raise ValueError("target_labels were given but targeted=False; pass targeted=True.")
+        if not self.targeted:
+            return None
+        return self._check_labels(spec(y) if callable(spec) else spec, x, name="target_labels")
+
     def _check_images(self, images: Any) -> torch.Tensor:
-        if not torch.is_tensor(images):
-            raise ValueError(f"images must be a torch.Tensor, got {type(images).__name__}.")
-        want = 2 + self.spatial_dims
-        if images.ndim != want:
-            raise ValueError(
-                f"images must be {want}-D (B, C, {', '.join('HWD'[: self.spatial_dims]) if self.spatial_dims <= 3 else '...'}), "
-                f"got shape {tuple(images.shape)}."
-            )
-        if not images.is_floating_point():
-            raise ValueError(f"images must be a floating-point tensor, got dtype {images.dtype}.")
-        if images.numel() == 0:
-            raise ValueError(f"images must not be empty, got shape {tuple(images.shape)}.")
-        if not bool(torch.isfinite(images).all()):
-            raise ValueError("images contain NaN or Inf values.")
-        lo, hi = self.bounds
-        tol = 1e-6 * max(1.0, hi - lo)
-        if bool((images < lo - tol).any()) or bool((images > hi + tol).any()):
-            raise ValueError(
-                f"images must lie inside bounds {self.bounds}, got values in "
-                f"[{float(images.min()):.6g}, {float(images.max()):.6g}]."
-            )
-        return images.detach()
+        return check_images(images, spatial_dims=self.spatial_dims, bounds=self.bounds)
 
     def _check_labels(self, labels: Any, x: torch.Tensor, name: str = "labels") -> torch.Tensor:
-        if not torch.is_tensor(labels):
-            raise ValueError(f"{name} must be a torch.Tensor, got {type(labels).__name__}.")
-        spatial = tuple(x.shape[2:])
-        if labels.ndim == x.ndim - 1:
-            labels = labels.unsqueeze(1)
-        if labels.ndim != x.ndim or labels.shape[0] != x.shape[0] or labels.shape[1] != 1 or tuple(
-            labels.shape[2:]
-        ) != spatial:
-            raise ValueError(
-                f"{name} must have shape {(x.shape[0], 1) + spatial} to match images {tuple(x.shape)}, "
-                f"got {tuple(labels.shape)}."
-            )
-        if labels.is_floating_point():
-            if not bool((labels == labels.round()).all()):
-                raise ValueError(f"{name} must hold integer class indices, got non-integer values.")
-        elif labels.dtype == torch.bool:
-            labels = labels.long()
-        if bool((labels < 0).any()):
-            raise ValueError(f"{name} must be >= 0, got minimum {int(labels.min())}.")
-        return labels.to(device=x.device, dtype=torch.long)
+        return check_labels(labels, x, name=name)
 
     def _check_mask(self, mask: Optional[torch.Tensor], x: torch.Tensor) -> Optional[torch.Tensor]:
-        if mask is None:
-            return None
-        if not torch.is_tensor(mask):
-            raise ValueError(f"mask must be a tensor, got {type(mask).__name__}.")
-        if mask.ndim == x.ndim - 1:  # (B, *spatial) or (1, *spatial)
-            mask = mask.unsqueeze(1)
-        try:
-            torch.broadcast_shapes(tuple(mask.shape), tuple(x.shape))
-            ok = mask.ndim == x.ndim and tuple(mask.shape[2:]) == tuple(x.shape[2:])
-        except RuntimeError:
-            ok = False
-        if not ok:
-            raise ValueError(
-                f"mask must be broadcastable to images {tuple(x.shape)} with the same spatial size, "
-                f"got {tuple(mask.shape)}."
-            )
-        return (mask != 0).to(device=x.device, dtype=x.dtype)
+        return check_mask(mask, x)
 
     def check_num_classes(self, logits: torch.Tensor, *label_maps: Optional[torch.Tensor]) -> None:
         """Raise if a label map holds a class index >= the number of logit channels."""
@@ -395,104 +467,25 @@ class Attack:
 
     # --------------------------------------------------------------- measuring
     def measure(self, x: torch.Tensor, adv: torch.Tensor) -> dict[str, Any]:
-        """Measured budget per sample: L-inf, RMS (input units and ``unit_scale`` units), SSIM.
+        """Measured budget per sample: :func:`volattack.measure.perturbation_stats` of ``(x, adv)``
+        with ``data_range=bounds`` and ``unit_scale`` (``ssim`` only with ``measure_ssim`` and 2 or 3
+        spatial dims), as lists, so the evaluation reads these numbers instead of recomputing them.
 
         Shape:
             x, adv ``(B, C, *spatial)``; each value in the dict is a list of B floats.
         """
-        d = (adv.detach().float() - x.detach().float()).flatten(1)
-        linf = d.abs().amax(dim=1)
-        rms = d.pow(2).mean(dim=1).sqrt()
-        info: dict[str, Any] = {"linf": linf.tolist(), "rms": rms.tolist()}
-        if self.unit_scale is not None:
-            info["linf_units"] = (linf * self.unit_scale).tolist()
-            info["rms_units"] = (rms * self.unit_scale).tolist()
-        if self.measure_ssim:
-            info["ssim"] = ssim(x, adv, data_range=self.bounds[1] - self.bounds[0]).tolist()
-        return info
+        with_ssim = self.measure_ssim and x.ndim in (4, 5)
+        stats = perturbation_stats(x, adv, data_range=self.bounds, unit_scale=self.unit_scale, with_ssim=with_ssim)
+        return {k: v.tolist() for k, v in stats.items()}
 
 
-def _gaussian_taps(win_size: int, sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Normalised sampled 1D gaussian ``exp(-d^2 / (2 sigma^2))``, ``d`` centred (MONAI's SSIM window).
-
-    Shape:
-        ``(win_size,)``.
-    """
-    d = torch.arange(win_size, dtype=torch.float64) - (win_size - 1) / 2.0
-    w = torch.exp(-(d**2) / (2.0 * sigma**2))
-    return (w / w.sum()).to(device=device, dtype=dtype)
-
-
-def _valid_filter3(t: torch.Tensor, taps: torch.Tensor) -> torch.Tensor:
-    """Separable "valid" filtering of the last three axes by ``taps``: one ``einsum`` with the
-    banded ``(b - w + 1, b)`` filter matrix per axis (no loop over voxels, blocks or taps).
-
-    Shape:
-        ``(..., b1, b2, b3)`` -> ``(..., b1 - w + 1, b2 - w + 1, b3 - w + 1)`` with ``w = len(taps)``.
-    """
-    mats = [_band_matrix(taps, n) for n in t.shape[-3:]]
-    return torch.einsum("...ijk,ai,bj,ck->...abc", t, *mats)
-
-
-def _band_matrix(taps: torch.Tensor, n: int) -> torch.Tensor:
-    """``(n - w + 1, n)`` matrix whose row ``a`` holds ``taps`` at columns ``a .. a + w - 1``.
-
-    Shape:
-        ``(w,)`` -> ``(n - w + 1, n)``.
-    """
-    w = taps.numel()
-    rows = torch.arange(n - w + 1, device=taps.device)[:, None]
-    cols = torch.arange(n, device=taps.device)[None, :]
-    k = cols - rows
-    inside = (k >= 0) & (k < w)
-    return torch.where(inside, taps[k.clamp(0, w - 1)], taps.new_zeros(()))
-
-
-def _ssim_map(mu_a: torch.Tensor, mu_b: torch.Tensor, var_a: torch.Tensor, var_b: torch.Tensor,
-              cov: torch.Tensor, data_range: float) -> torch.Tensor:
-    """SSIM from local statistics (Wang et al. 2004, k1 0.01, k2 0.03): luminance x contrast-structure.
-
-    Shape:
-        five tensors of one shape -> that shape.
-    """
-    c1, c2 = (0.01 * float(data_range)) ** 2, (0.03 * float(data_range)) ** 2
-    return ((2 * mu_a * mu_b + c1) / (mu_a * mu_a + mu_b * mu_b + c1)) * ((2 * cov + c2) / (var_a + var_b + c2))
-
-
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 1.0, win_size: int = 7) -> torch.Tensor:
-    """Per-sample SSIM (Wang et al. 2004, k1 0.01, k2 0.03) over all spatial dims (no gradient).
-
-    A gaussian window of ``win_size`` (sigma 1.5) is shrunk to the largest odd size that fits the
-    smallest spatial side; only windows inside the image count ("valid"), as in MONAI's
-    ``compute_ssim_and_cs``, which computes 2D inputs. 3D inputs use the same statistics with the
-    separable window applied as one ``einsum`` with a banded matrix per axis (equal to MONAI's to
-    float precision, tested; about 4x faster here, and every attack reports it).
-    Channels are averaged.
-
-    Shape:
-        x, y ``(B, C, *spatial)`` -> ``(B,)``.
-    """
-    from monai.metrics.regression import compute_ssim_and_cs
-
-    spatial = x.shape[2:]
-    w = min(win_size, min(spatial))
-    if w % 2 == 0:
-        w -= 1
-    w = max(w, 1)
-    with torch.no_grad():
-        a, b = y.detach().float(), x.detach().float()
-        if len(spatial) == 3:
-            taps = _gaussian_taps(w, 1.5, a.device, a.dtype)
-            st = _valid_filter3(torch.stack([a, b, a * a, b * b, a * b]), taps)
-            mu_a, mu_b = st[0], st[1]
-            var_a, var_b, cov = st[2] - mu_a * mu_a, st[3] - mu_b * mu_b, st[4] - mu_a * mu_b
-            s = _ssim_map(mu_a, mu_b, var_a, var_b, cov, data_range)
-        else:
-            s, _ = compute_ssim_and_cs(
-                a, b, spatial_dims=len(spatial), kernel_size=[w] * len(spatial),
-                kernel_sigma=[1.5] * len(spatial), data_range=float(data_range), kernel_type="gaussian",
-                k1=0.01, k2=0.03,
-            )
-    return s.flatten(1).mean(dim=1)
-
-
+def _merge_restart_info(extras: list[dict[str, Any]], winner: list[int], batch: int) -> dict[str, Any]:
+    """Info of a restarted call: per-sample lists (length ``batch``) from each sample's winning
+    restart, ``steps_run`` the maximum over restarts, other values from the last restart."""
+    out: dict[str, Any] = dict(extras[-1])
+    for key, value in extras[-1].items():
+        if isinstance(value, list) and len(value) == batch:
+            out[key] = [extras[w][key][b] for b, w in enumerate(winner)]
+    out["steps_run"] = max(int(e.get("steps_run") or 0) for e in extras)
+    out.update(restarts=len(extras), restart_best=winner)
+    return out

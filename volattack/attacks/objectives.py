@@ -18,25 +18,61 @@ Objectives (``kind``):
 - ``"cospgd"``: CosPGD (Agnihotri et al., ICML 2024): ``L = 1/N sum_i w_i CE_i`` with the
   per-voxel weight ``w_i = cos(softmax(z_i), onehot(y_i))`` DETACHED (not a scalar);
   targeted uses ``w_i = 1 - cos(softmax(z_i), onehot(t_i))``.
+
+Adding an objective is one decorated function::
+
+    @register_objective("my_loss")
+    def my_loss(logits, labels, *, step, steps, targeted):  # -> (B,)
+        ...
+
+and the objective contract test (``tests/attacks/test_objectives.py``) covers it.
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
 
-OBJECTIVES: tuple[str, ...] = ("ce", "dice", "dice_ce", "segpgd", "cospgd")
+from volattack.registry import Registry, suggest
+
+#: ``fn(logits (B, K, *spatial), labels (B, 1, *spatial), *, step, steps, targeted) -> (B,)``
+ObjectiveFn = Callable[..., torch.Tensor]
+
+
+class ObjectiveRegistry(Registry[torch.Tensor]):
+    """The objective registry; iterating over it yields the sorted names (``", ".join(OBJECTIVES)``)."""
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+OBJECTIVES: ObjectiveRegistry = ObjectiveRegistry("objective")
+
+
+def register_objective(name: str) -> Callable[[ObjectiveFn], ObjectiveFn]:
+    """Decorator registering a per-sample objective under ``name`` (a duplicate name is an error).
+
+    The function is called as ``fn(logits, labels, step=t, steps=T, targeted=bool)`` with
+    float32 logits ``(B, K, *spatial)`` and long labels ``(B, 1, *spatial)`` (the true labels, or
+    the target labels when ``targeted``) and must return one value per sample, shape ``(B,)``,
+    never a batch-pooled value. Untargeted attacks ascend it, targeted attacks descend it.
+    """
+    return OBJECTIVES.register(name)
+
+
+def list_objectives() -> list[str]:
+    """Sorted names of the registered objectives."""
+    return OBJECTIVES.names()
 
 
 def check_objective(kind: str) -> str:
-    """Validate an objective name (``ValueError`` with a suggestion)."""
-    if kind not in OBJECTIVES:
-        from volattack.registry import suggest
-
+    """Validate an objective name (``ValueError`` naming ``objective``, with a suggestion)."""
+    if not isinstance(kind, str) or kind not in OBJECTIVES:
+        names = list_objectives()
         raise ValueError(
-            f"objective must be one of {', '.join(OBJECTIVES)}, got {kind!r}.{suggest(str(kind), OBJECTIVES)}"
+            f"objective must be one of {', '.join(names)}, got {kind!r}.{suggest(str(kind), names)}"
         )
     return kind
 
@@ -80,6 +116,53 @@ def cosine_weights(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return p_y / p.norm(dim=1).clamp_min(1e-12)  # ||onehot|| = 1
 
 
+def _voxel_mean(v: torch.Tensor) -> torch.Tensor:
+    return v.flatten(1).mean(dim=1)
+
+
+@register_objective("ce")
+def ce_objective(logits: torch.Tensor, labels: torch.Tensor, *, step: int = 1, steps: int = 1,
+                 targeted: bool = False) -> torch.Tensor:
+    """Voxel cross-entropy, mean over voxels. Shape: ``(B,)``."""
+    return _voxel_mean(voxel_ce(logits, labels))
+
+
+@register_objective("dice")
+def dice_objective(logits: torch.Tensor, labels: torch.Tensor, *, step: int = 1, steps: int = 1,
+                   targeted: bool = False) -> torch.Tensor:
+    """Soft Dice loss (:func:`soft_dice_loss`). Shape: ``(B,)``."""
+    return soft_dice_loss(logits, labels)
+
+
+@register_objective("dice_ce")
+def dice_ce_objective(logits: torch.Tensor, labels: torch.Tensor, *, step: int = 1, steps: int = 1,
+                      targeted: bool = False) -> torch.Tensor:
+    """Dice + CE with unit weights, per sample (as MONAI ``DiceCELoss``). Shape: ``(B,)``."""
+    return soft_dice_loss(logits, labels) + _voxel_mean(voxel_ce(logits, labels))
+
+
+@register_objective("segpgd")
+def segpgd_objective(logits: torch.Tensor, labels: torch.Tensor, *, step: int = 1, steps: int = 1,
+                     targeted: bool = False) -> torch.Tensor:
+    """SegPGD (Gu et al., ECCV 2022): ``(1 - l_t)`` on correctly classified voxels' CE, ``l_t`` on the
+    others (swapped when targeted), mean over all voxels. Shape: ``(B,)``."""
+    ce = voxel_ce(logits, labels)
+    lam = segpgd_lambda(step, steps)
+    with torch.no_grad():
+        hit = (logits.argmax(dim=1) == labels[:, 0]).to(ce.dtype)
+    w_hit, w_miss = (lam, 1.0 - lam) if targeted else (1.0 - lam, lam)
+    return _voxel_mean((hit * w_hit + (1.0 - hit) * w_miss) * ce)
+
+
+@register_objective("cospgd")
+def cospgd_objective(logits: torch.Tensor, labels: torch.Tensor, *, step: int = 1, steps: int = 1,
+                     targeted: bool = False) -> torch.Tensor:
+    """CosPGD (Agnihotri et al., ICML 2024): CE weighted per voxel by the detached cosine
+    (``1 - cos`` when targeted), mean over voxels. Shape: ``(B,)``."""
+    w = cosine_weights(logits, labels)
+    return _voxel_mean((1.0 - w if targeted else w) * voxel_ce(logits, labels))
+
+
 def objective_per_sample(
     logits: torch.Tensor,
     labels: torch.Tensor,
@@ -89,12 +172,12 @@ def objective_per_sample(
     steps: int = 1,
     targeted: bool = False,
 ) -> torch.Tensor:
-    """The attack objective per sample (to maximise when untargeted, minimise when targeted).
+    """The registered objective ``kind`` per sample (to maximise when untargeted, minimise when targeted).
 
     Args:
         logits: model output ``(B, K, *spatial)``, float32.
         labels: true labels (untargeted) or target labels (targeted), ``(B, 1, *spatial)`` long.
-        kind: one of :data:`OBJECTIVES`.
+        kind: a name from :func:`list_objectives` (unknown names raise with a suggestion).
         step: 1-based step index t (SegPGD schedule).
         steps: total steps T (SegPGD schedule).
         targeted: whether ``labels`` is a target map (changes the SegPGD/CosPGD weights).
@@ -102,28 +185,8 @@ def objective_per_sample(
     Shape:
         returns ``(B,)``.
     """
-    if kind == "ce":
-        return voxel_ce(logits, labels).flatten(1).mean(dim=1)
-    if kind == "dice":
-        return soft_dice_loss(logits, labels)
-    if kind == "dice_ce":
-        return soft_dice_loss(logits, labels) + voxel_ce(logits, labels).flatten(1).mean(dim=1)
-    if kind == "segpgd":
-        ce = voxel_ce(logits, labels)
-        lam = segpgd_lambda(step, steps)
-        with torch.no_grad():
-            hit = (logits.argmax(dim=1) == labels[:, 0]).to(ce.dtype)
-        w_hit, w_miss = (lam, 1.0 - lam) if targeted else (1.0 - lam, lam)
-        w = hit * w_hit + (1.0 - hit) * w_miss
-        return (w * ce).flatten(1).mean(dim=1)
-    if kind == "cospgd":
-        ce = voxel_ce(logits, labels)
-        w = cosine_weights(logits, labels)
-        if targeted:
-            w = 1.0 - w
-        return (w * ce).flatten(1).mean(dim=1)
-    check_objective(kind)
-    raise AssertionError  # pragma: no cover
+    fn = OBJECTIVES.get(check_objective(kind))
+    return fn(logits, labels, step=step, steps=steps, targeted=targeted)
 
 
 def hard_foreground_dice(pred: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:

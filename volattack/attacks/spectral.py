@@ -27,6 +27,8 @@ from typing import Optional, Sequence
 import torch
 import torch.nn.functional as F
 
+from volattack.ops import straight_through
+
 logger = logging.getLogger(__name__)
 
 #: frequency bands accepted by :func:`band_mask` and :func:`rfft_mask`
@@ -41,7 +43,9 @@ FFT_BAND_EDGES: dict[str, tuple[float, float]] = {
 }
 
 
-def _check_band(band: str) -> str:
+def check_band(band: str) -> str:
+    """Validate a frequency band name (one of :data:`BANDS`; ``ValueError`` naming ``band``, with a
+    suggestion)."""
     if band not in BANDS:
         from volattack.registry import suggest
 
@@ -119,7 +123,9 @@ def idct3(coeffs: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------- blocks
-def _check_block(block_size: int, spatial: Sequence[int], shape: Sequence[int]) -> None:
+def check_block(block_size: int, spatial: Sequence[int], shape: Sequence[int]) -> None:
+    """Raise ``ValueError`` naming ``block_size`` unless it is a positive integer no larger than the
+    smallest of the ``spatial`` sides of a volume of ``shape`` (used in the message)."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}.")
     if block_size > min(spatial):
@@ -148,7 +154,7 @@ def block_split(x: torch.Tensor, block_size: int) -> torch.Tensor:
     if x.ndim < 3:
         raise ValueError(f"x must be (B, C, *spatial), got shape {tuple(x.shape)}.")
     spatial = tuple(x.shape[2:])
-    _check_block(block_size, spatial, x.shape)
+    check_block(block_size, spatial, x.shape)
     b = block_size
     nd = len(spatial)
     pads = [(-s) % b for s in spatial]
@@ -211,7 +217,7 @@ def band_mask(
     """
     if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}.")
-    _check_band(band)
+    check_band(band)
     b = block_size
     r = torch.arange(b, device=device)
     s = r.view(b, 1, 1) + r.view(1, b, 1) + r.view(1, 1, b)
@@ -261,12 +267,13 @@ def soft_round(x: torch.Tensor, a: float) -> torch.Tensor:
 
 
 def ste_round(x: torch.Tensor) -> torch.Tensor:
-    """Straight-through rounding: ``round(x)`` forward, identity backward (gradient 1).
+    """Straight-through rounding: ``round(x)`` forward, identity backward (gradient 1), i.e.
+    :func:`volattack.ops.straight_through` of ``torch.round`` (the one home of the pattern).
 
     Shape:
         same as ``x``.
     """
-    return x + (torch.round(x) - x).detach()
+    return straight_through(torch.round(x), x)
 
 
 # ------------------------------------------------------------------------------- FFT
@@ -327,7 +334,7 @@ def rfft_mask(
     Shape:
         ``(H, W, D // 2 + 1)`` bool.
     """
-    _check_band(band)
+    check_band(band)
     r = rfft_radius(size, dtype=torch.float64, device=device)
     lo, hi = FFT_BAND_EDGES[band]
     m = (r >= lo) & (r < hi)
