@@ -10,6 +10,7 @@ import SimpleITK as sitk
 import torch
 
 from volattack.data.config import PreprocessConfig
+from volattack.data.intensity import ZScoreIntensity, intensity_from_preprocess
 from volattack.data.io import read_volume, write_nifti
 from volattack.data.phantoms import generate_phantom
 from volattack.data.transforms import (
@@ -80,18 +81,37 @@ def test_window_maps_known_hu_values(tmp_path):
     out = build_transforms(cfg)({"image": str(p)})["image"]
     # (HU - a_min) / (a_max - a_min) * 2 - 1, clipped: hand-computed
     assert torch.allclose(out[0, :, 0, 0], torch.tensor([-1.0, -1.0, 0.0, 1.0, 1.0]))
-    back = to_source_units(out[0, :, 0, 0], cfg)
+    back = intensity_from_preprocess(cfg).to_source(out[0, :, 0, 0])
     assert torch.allclose(back, torch.tensor([-175.0, -175.0, 37.5, 250.0, 250.0]))
 
 
-def test_intensity_helpers_known_values():
+def test_deprecated_intensity_wrappers_follow_the_intensity_model():
     cfg = PreprocessConfig()  # [-175, 250] -> [0, 1]
-    assert hu_per_unit(cfg) == 425.0
+    assert hu_per_unit(cfg) == intensity_from_preprocess(cfg).unit_scale == 425.0
     assert to_source_units(0.5, cfg) == 37.5
     assert np.allclose(to_source_units(np.array([0.0, 1.0]), cfg), [-175.0, 250.0])
-    assert abs(8 / 255 * hu_per_unit(cfg) - 13.333) < 1e-3
+
+
+def test_pipeline_takes_another_intensity_model(tmp_path):
+    """A z-score model (nnU-Net CT style) replaces the window; crop and padding follow its bounds."""
+    hu = np.array([-1000.0, -175.0, 37.5, 250.0, 1000.0], np.float32).reshape(5, 1, 1)
+    p = write_nifti(np.broadcast_to(hu, (5, 2, 2)).copy(), tmp_path / "z.nii.gz", np.eye(4))
+    z = ZScoreIntensity(mean=50.0, std=100.0, clip=(-150.0, 350.0))
+    out = build_transforms(PreprocessConfig(crop_foreground=False), intensity=z)({"image": str(p)})["image"]
+    assert torch.allclose(out[0, :, 0, 0], torch.tensor([-2.0, -2.0, -0.125, 2.0, 3.0]))
+    crop = build_transforms(PreprocessConfig(), intensity=z)({"image": str(p)})["image"]
+    assert crop.shape[1] == 3  # the first two planes sit at the lower bound (-2): cropped as air
+    with pytest.raises(ValueError, match="intensity must be None or an IntensityModel, got dict"):
+        build_transforms(PreprocessConfig(), intensity={"kind": "window"})  # type: ignore[arg-type]
+
+
+def test_preprocess_config_validates_at_construction():
     with pytest.raises(ValueError, match="a_max must be > a_min"):
-        hu_per_unit(PreprocessConfig(a_min=10.0, a_max=10.0))
+        PreprocessConfig(a_min=10.0, a_max=10.0)
+    cfg = PreprocessConfig()
+    cfg.num_samples = 0  # changed afterwards: build_transforms checks again
+    with pytest.raises(ValueError, match="num_samples must be an integer >= 1, got 0"):
+        build_transforms(cfg)
 
 
 def test_spacing_resamples_to_known_shape_and_affine(tmp_path):

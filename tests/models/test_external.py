@@ -1,4 +1,5 @@
-"""External models: TorchScript archives, MONAI bundles (trust gate, strict weights) and dispatch."""
+"""External models: TorchScript archives and MONAI bundles (trust gate, strict weights); the
+deprecated ``volattack.models.external`` names still work."""
 
 from __future__ import annotations
 
@@ -12,12 +13,9 @@ from torch import nn
 
 from volattack.models.checkpoint import save_checkpoint
 from volattack.models.config import ModelConfig
-from volattack.models.external import (
-    is_torchscript_archive,
-    load_any_model,
-    load_bundle,
-    load_torchscript,
-)
+from volattack.models.sources import load_model
+from volattack.models.sources.monai_bundle import load_bundle
+from volattack.models.sources.torchscript import is_torchscript_archive, load_torchscript
 from volattack.models.zoo import create_model
 
 UNET_ARGS = {"spatial_dims": 3, "in_channels": 1, "out_channels": 3, "channels": [4, 8], "strides": [2],
@@ -115,7 +113,7 @@ def test_bundle_requires_trust(tmp_path):
     with pytest.raises(ValueError, match=r"trust_bundle is False .*runs code from its config.*--trust-bundle"):
         load_bundle(bundle)
     with pytest.raises(ValueError, match="--trust-bundle"):
-        load_any_model(bundle)
+        load_model(bundle)
 
 
 @pytest.mark.parametrize("wrap", [None, "model"])
@@ -125,9 +123,9 @@ def test_bundle_trusted_loads_same_outputs(tmp_path, wrap):
     assert not loaded.training
     x = torch.rand(1, 1, 8, 8, 8, generator=torch.Generator().manual_seed(2))
     torch.testing.assert_close(loaded(x), net(x))
-    model, info = load_any_model(bundle, trust_bundle=True)
-    assert info["format"] == "monai-bundle" and info["metadata"]["name"] == "tiny"
-    torch.testing.assert_close(model(x), net(x))
+    loaded = load_model(bundle, trust_bundle=True)
+    assert loaded.info["format"] == "monai-bundle" and loaded.info["metadata"]["name"] == "tiny"
+    torch.testing.assert_close(loaded.module(x), net(x))
 
 
 def test_bundle_strict_weights_name_keys_and_path(tmp_path):
@@ -184,28 +182,17 @@ def test_bundle_with_only_torchscript(tmp_path, ts_file):
     torch.testing.assert_close(model(x), ts_file[1](x))
 
 
-# --------------------------------------------------------------------------- dispatch
+# --------------------------------------------------------------------------- deprecated module
 
 
-def test_load_any_model_dispatch(tmp_path, ts_file):
-    path, net = ts_file
-    pt_ts = tmp_path / "scripted.pt"  # TorchScript with a .pt suffix is still detected
-    pt_ts.write_bytes(path.read_bytes())
-    model, info = load_any_model(pt_ts)
-    assert info == {"format": "torchscript", "path": str(pt_ts)}
-    torch.testing.assert_close(model(_x()), net(_x()))
+def test_deprecated_external_names(tmp_path, ts_file):
+    from volattack.models import external
 
+    assert external.load_torchscript is load_torchscript and external.load_bundle is load_bundle
     cfg = ModelConfig(name="unet", in_channels=1, out_channels=3, kwargs={"channels": [4, 8], "strides": [2]})
-    torch.manual_seed(0)
     ref = create_model(cfg.name, cfg.in_channels, cfg.out_channels, **cfg.kwargs).eval()
     ck = save_checkpoint(tmp_path / "ck.pt", ref, cfg, epoch=2)
-    model, info = load_any_model(ck)
-    assert info["format"] == "volattack-checkpoint" and info["epoch"] == 2 and not model.training
+    with pytest.warns(DeprecationWarning, match="use volattack.load_model"):
+        model, info = external.load_any_model(ck)
+    assert info["format"] == "volattack-checkpoint" and info["epoch"] == 2 and info["model"]["name"] == "unet"
     torch.testing.assert_close(model(_x()), ref(_x()))
-
-    with pytest.raises(FileNotFoundError, match=r"Model not found: .*nothing\.pt"):
-        load_any_model(tmp_path / "nothing.pt")
-    bare = tmp_path / "bare.pt"
-    torch.save(ref.state_dict(), bare)
-    with pytest.raises(ValueError, match="bare state_dict"):
-        load_any_model(bare)

@@ -11,8 +11,27 @@ READERS: tuple[str, ...] = ("NibabelReader", "ITKReader", "SimpleITKReader")
 
 _AXIS_PAIRS = ("LR", "AP", "SI")
 
-#: Longest accepted ``PreprocessConfig.units`` label (it is printed in table headers).
+#: Longest accepted units label (``PreprocessConfig.units``; it is printed in table headers).
 MAX_UNITS_LENGTH = 16
+
+
+def check_units(units: object) -> str:
+    """A source-units label: non-empty, at most :data:`MAX_UNITS_LENGTH` printable characters,
+    no surrounding spaces, no ``|`` or backtick (it goes into Markdown tables); else
+    ``ValueError`` naming ``units``."""
+    u = units
+    if (
+        not isinstance(u, str)
+        or not u.strip()
+        or u != u.strip()
+        or len(u) > MAX_UNITS_LENGTH
+        or any(not c.isprintable() or c in "|`" for c in u)
+    ):
+        raise ValueError(
+            f"units must be a non-empty label of at most {MAX_UNITS_LENGTH} printable characters "
+            f"without surrounding spaces, '|' or '`' (e.g. 'HU', 'a.u.'), got {u!r}."
+        )
+    return u
 
 
 @dataclass
@@ -42,8 +61,14 @@ class PreprocessConfig:
     reader: Optional[str] = None  # None: by suffix; or "NibabelReader" / "ITKReader" / "SimpleITKReader"
     units: str = "HU"  # source intensity unit, a label for reports ("HU" for CT, e.g. "a.u." for MRI)
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     def validate(self) -> "PreprocessConfig":
         """Check every field; raise ``ValueError`` naming the field and the bad value.
+
+        Runs at construction (``__post_init__``, like every config dataclass); call it again only
+        after changing fields of an existing object.
 
         Returns:
             ``self``, for chaining.
@@ -85,18 +110,7 @@ class PreprocessConfig:
             )
         if self.reader is not None and self.reader not in READERS:
             raise ValueError(f"reader must be None or one of {list(READERS)}, got {self.reader!r}.")
-        u = self.units
-        if (
-            not isinstance(u, str)
-            or not u.strip()
-            or u != u.strip()
-            or len(u) > MAX_UNITS_LENGTH
-            or any(not c.isprintable() or c in "|`" for c in u)
-        ):
-            raise ValueError(
-                f"units must be a non-empty label of at most {MAX_UNITS_LENGTH} printable characters "
-                f"without surrounding spaces, '|' or '`' (e.g. 'HU', 'a.u.'), got {u!r}."
-            )
+        check_units(self.units)
         return self
 
 

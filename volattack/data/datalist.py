@@ -63,6 +63,18 @@ def load_datalist(
             path (the entry index is named).
     """
     json_path = Path(path).expanduser()
+    items = _read_split(json_path, key)
+    base = Path(base_dir).expanduser().resolve() if base_dir is not None else json_path.resolve().parent
+    if not items:
+        warnings.warn(f"key {key!r} of datalist {str(json_path)!r} is empty.", stacklevel=2)
+    where = f"of {key!r} in {str(json_path)!r}"
+    out = [_case(entry, f"entry {i} {where}", base, require_label, check_files) for i, entry in enumerate(items)]
+    logger.debug("loaded %d cases from %s[%r]", len(out), json_path, key)
+    return out
+
+
+def _read_split(json_path: Path, key: str) -> list[Any]:
+    """The list under ``key`` of a datalist JSON (errors name the file and the available keys)."""
     if not json_path.is_file():
         raise FileNotFoundError(f"Datalist JSON not found: {str(json_path)!r}.")
     try:
@@ -86,39 +98,25 @@ def load_datalist(
             f"key {key!r} of datalist {str(json_path)!r} must be a list of cases, "
             f"got {type(items).__name__}."
         )
-    base = Path(base_dir).expanduser().resolve() if base_dir is not None else json_path.resolve().parent
-    if not items:
-        warnings.warn(f"key {key!r} of datalist {str(json_path)!r} is empty.", stacklevel=2)
+    return items
 
-    out: list[dict[str, str]] = []
-    for i, entry in enumerate(items):
-        if isinstance(entry, str):
-            entry = {"image": entry}
-        if not isinstance(entry, dict):
-            raise ValueError(
-                f"entry {i} of {key!r} in {str(json_path)!r} must be an object or a path string, "
-                f"got {type(entry).__name__}: {entry!r}."
-            )
-        required = _PATH_KEYS if require_label else ("image",)
-        for k in required:
-            if k not in entry:
-                raise ValueError(
-                    f"entry {i} of {key!r} in {str(json_path)!r} has no {k!r} field: {entry!r}."
-                )
-        case: dict[str, Any] = dict(entry)
-        for k in _PATH_KEYS:
-            if k not in case:
-                continue
-            if not isinstance(case[k], str) or not case[k]:
-                raise ValueError(
-                    f"entry {i} of {key!r} in {str(json_path)!r}: {k!r} must be a non-empty path "
-                    f"string, got {case[k]!r}."
-                )
-            case[k] = _resolve(case[k], base)
-            if check_files and not Path(case[k]).exists():
-                raise FileNotFoundError(
-                    f"entry {i} of {key!r} in {str(json_path)!r}: {k} file not found: {case[k]!r}."
-                )
-        out.append(case)
-    logger.debug("loaded %d cases from %s[%r]", len(out), json_path, key)
-    return out
+
+def _case(entry: Any, where: str, base: Path, require_label: bool, check_files: bool) -> dict[str, Any]:
+    """One datalist entry with resolved (and optionally checked) paths; ``where`` names it in errors."""
+    if isinstance(entry, str):
+        entry = {"image": entry}
+    if not isinstance(entry, dict):
+        raise ValueError(f"{where} must be an object or a path string, got {type(entry).__name__}: {entry!r}.")
+    for k in _PATH_KEYS if require_label else ("image",):
+        if k not in entry:
+            raise ValueError(f"{where} has no {k!r} field: {entry!r}.")
+    case: dict[str, Any] = dict(entry)
+    for k in _PATH_KEYS:
+        if k not in case:
+            continue
+        if not isinstance(case[k], str) or not case[k]:
+            raise ValueError(f"{where}: {k!r} must be a non-empty path string, got {case[k]!r}.")
+        case[k] = _resolve(case[k], base)
+        if check_files and not Path(case[k]).exists():
+            raise FileNotFoundError(f"{where}: {k} file not found: {case[k]!r}.")
+    return case

@@ -1,11 +1,11 @@
-"""MONAI preprocessing built from a ``PreprocessConfig``, datasets, and intensity helpers.
+"""MONAI preprocessing built from a ``PreprocessConfig`` and an intensity model, and datasets.
 
 Pipeline for dict samples ``{"image": path, "label": path}`` (label optional in eval mode)::
 
     load (nibabel for NIfTI, SimpleITK for NRRD/MHA/MHD) -> EnsureChannelFirstd
     -> Orientationd(cfg.orientation) -> Spacingd(cfg.spacing; bilinear / nearest)
-    -> ScaleIntensityRanged([a_min, a_max] -> [b_min, b_max], clip)
-    -> CropForegroundd(image > b_min)                       (cfg.crop_foreground)
+    -> ApplyIntensityd(intensity model; default the window [a_min, a_max] -> [b_min, b_max], clip)
+    -> CropForegroundd(image > lower bound)                 (cfg.crop_foreground)
     train: SpatialPadd(roi_size) -> RandCropByPosNegLabeld(roi_size, pos, neg, num_samples)
     -> image float32, label int64
 
@@ -37,13 +37,13 @@ from monai.transforms import (
     MapTransform,
     Orientationd,
     RandCropByPosNegLabeld,
-    ScaleIntensityRanged,
     Spacingd,
     SpatialPadd,
 )
 from monai.utils import MetaKeys, SpaceKeys, ensure_tuple
 
 from volattack.data.config import PreprocessConfig
+from volattack.data.intensity import IntensityModel, intensity_from_preprocess
 from volattack.data.io import NIFTI_SUFFIXES, SITK_SUFFIXES, sitk_image_to_ras
 
 logger = logging.getLogger(__name__)
@@ -246,44 +246,47 @@ class VolCompose(Compose):
             raise
 
 
-def build_transforms(cfg: PreprocessConfig, mode: str = "eval", seed: int = 0) -> Compose:
-    """Build the preprocessing pipeline of a ``PreprocessConfig``.
-
-    Intensity: ``ScaleIntensityRanged`` maps the window ``[a_min, a_max]`` (source units, HU
-    for CT) linearly to ``[b_min, b_max]`` and clips. Geometry: reorientation to
-    ``cfg.orientation``, resampling to ``cfg.spacing`` mm (bilinear image, nearest label),
-    crop to the body (``image > b_min``). Train mode pads to ``roi_size`` and draws
-    ``num_samples`` crops centred on foreground/background with ratio ``pos:neg``
-    (``RandCropByPosNegLabeld``; negatives only inside the body), so one sample becomes a
-    list of ``num_samples`` dicts. Random transforms are seeded with
-    ``Compose.set_random_state(seed)``.
+class ApplyIntensityd(MapTransform):
+    """Source intensities -> model inputs with an :class:`~volattack.data.intensity.IntensityModel`
+    (its :meth:`~volattack.data.intensity.IntensityModel.from_source`; a window gives exactly
+    MONAI's ``ScaleIntensityRanged(clip=True)``). The ``MetaTensor`` metadata is kept.
 
     Args:
-        cfg: preprocessing settings (validated here).
-        mode: ``"train"`` (random crops, label required) or ``"eval"`` (whole volume, label
-            optional).
-        seed: seed of the random crops.
-
-    Returns:
-        A ``Compose`` mapping ``{"image": path, "label": path}`` to ``{"image": MetaTensor,
-        "label": MetaTensor}`` (a list of those in train mode).
-
-    Shape:
-        image ``(1, H, W, D)`` float32 in ``[b_min, b_max]``; label ``(1, H, W, D)`` int64;
-        ``(H, W, D) == roi_size`` in train mode.
-
-    Raises:
-        ValueError: bad ``mode``, ``seed`` or config value (named).
+        keys: sample keys of the images.
+        intensity: the intensity model.
     """
+
+    def __init__(self, keys: Sequence[str], intensity: IntensityModel) -> None:
+        super().__init__(keys)
+        if not isinstance(intensity, IntensityModel):
+            raise ValueError(f"intensity must be an IntensityModel, got {type(intensity).__name__}.")
+        self.intensity = intensity
+
+    def __call__(self, data: dict) -> dict:
+        """Map every image under ``keys`` (float32 in, float32 out)."""
+        d = dict(data)
+        for key in self.key_iterator(d):
+            d[key] = self.intensity.from_source(d[key])
+        return d
+
+
+def _check_build_args(cfg: PreprocessConfig, mode: str, seed: Any, intensity: Any) -> IntensityModel:
     if mode not in MODES:
         raise ValueError(f"mode must be one of {list(MODES)}, got {mode!r}.")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed < 2**32:
         raise ValueError(f"seed must be an integer in [0, 2**32), got {seed!r}.")
     if not isinstance(cfg, PreprocessConfig):
         raise ValueError(f"cfg must be a PreprocessConfig, got {type(cfg).__name__}.")
-    cfg.validate()
-    keys = ["image", "label"]
-    missing_ok = mode == "eval"
+    cfg.validate()  # a config changed after construction is checked again
+    if intensity is None:
+        return intensity_from_preprocess(cfg)
+    if not isinstance(intensity, IntensityModel):
+        raise ValueError(f"intensity must be None or an IntensityModel, got {type(intensity).__name__}.")
+    return intensity
+
+
+def _spatial_transforms(cfg: PreprocessConfig, keys: list[str], missing_ok: bool) -> list[Any]:
+    """Loading, channel first, reorientation and (optionally) resampling."""
     xforms: list[Any] = [
         LoadVolumed(keys, reader=cfg.reader, allow_missing_keys=missing_ok),
         EnsureChannelFirstd(keys, allow_missing_keys=missing_ok),
@@ -298,38 +301,80 @@ def build_transforms(cfg: PreprocessConfig, mode: str = "eval", seed: int = 0) -
                 allow_missing_keys=missing_ok,
             )
         )
-    xforms.append(
-        ScaleIntensityRanged(
-            "image", a_min=cfg.a_min, a_max=cfg.a_max, b_min=cfg.b_min, b_max=cfg.b_max, clip=True
-        )
-    )
+    return xforms
+
+
+def _crop_transforms(cfg: PreprocessConfig, keys: list[str], pad: float) -> list[Any]:
+    """Train mode: pad to ``roi_size`` and draw ``num_samples`` foreground/background crops."""
+    roi = [int(r) for r in cfg.roi_size]
+    return [
+        SpatialPadd("image", spatial_size=roi, mode="constant", value=pad),
+        SpatialPadd("label", spatial_size=roi, mode="constant", value=0),
+        RandCropByPosNegLabeld(
+            keys,
+            label_key="label",
+            spatial_size=roi,
+            pos=cfg.pos,
+            neg=cfg.neg,
+            num_samples=cfg.num_samples,
+            image_key="image",
+            image_threshold=pad,
+        ),
+    ]
+
+
+def build_transforms(
+    cfg: PreprocessConfig, mode: str = "eval", seed: int = 0, *, intensity: Optional[IntensityModel] = None
+) -> Compose:
+    """Build the preprocessing pipeline of a ``PreprocessConfig``.
+
+    Intensity: ``intensity`` (default :func:`~volattack.data.intensity.intensity_from_preprocess`
+    of ``cfg``: the window ``[a_min, a_max]`` in source units mapped linearly to ``[b_min,
+    b_max]`` and clipped, bit-identical to MONAI's ``ScaleIntensityRanged``); a model's own
+    intensity model (a z-score, percentiles) can be passed instead. Geometry: reorientation to
+    ``cfg.orientation``, resampling to ``cfg.spacing`` mm (bilinear image, nearest label), crop
+    to the body (``image > lo``, ``lo`` the lower input bound). Train mode pads to ``roi_size``
+    with ``intensity.pad_value`` and draws ``num_samples`` crops centred on
+    foreground/background with ratio ``pos:neg`` (``RandCropByPosNegLabeld``; negatives only
+    inside the body), so one sample becomes a list of ``num_samples`` dicts. Random transforms
+    are seeded with ``Compose.set_random_state(seed)``.
+
+    Args:
+        cfg: preprocessing settings (validated again here).
+        mode: ``"train"`` (random crops, label required) or ``"eval"`` (whole volume, label
+            optional).
+        seed: seed of the random crops.
+        intensity: the intensity model (``None``: the window of ``cfg``).
+
+    Returns:
+        A ``Compose`` mapping ``{"image": path, "label": path}`` to ``{"image": MetaTensor,
+        "label": MetaTensor}`` (a list of those in train mode).
+
+    Shape:
+        image ``(1, H, W, D)`` float32 in ``intensity.bounds``; label ``(1, H, W, D)`` int64;
+        ``(H, W, D) == roi_size`` in train mode.
+
+    Raises:
+        ValueError: bad ``mode``, ``seed``, ``intensity`` or config value (named).
+    """
+    model = _check_build_args(cfg, mode, seed, intensity)
+    keys = ["image", "label"]
+    missing_ok = mode == "eval"
+    xforms = _spatial_transforms(cfg, keys, missing_ok)
+    xforms.append(ApplyIntensityd(["image"], model))
     if cfg.crop_foreground:
         xforms.append(
             CropForegroundd(
                 keys,
                 source_key="image",
-                select_fn=_AboveThreshold(cfg.b_min),
+                select_fn=_AboveThreshold(model.bounds[0]),
                 start_coord_key=None,
                 end_coord_key=None,
                 allow_missing_keys=missing_ok,
             )
         )
     if mode == "train":
-        roi = [int(r) for r in cfg.roi_size]
-        xforms += [
-            SpatialPadd("image", spatial_size=roi, mode="constant", value=cfg.b_min),
-            SpatialPadd("label", spatial_size=roi, mode="constant", value=0),
-            RandCropByPosNegLabeld(
-                keys,
-                label_key="label",
-                spatial_size=roi,
-                pos=cfg.pos,
-                neg=cfg.neg,
-                num_samples=cfg.num_samples,
-                image_key="image",
-                image_threshold=cfg.b_min,
-            ),
-        ]
+        xforms += _crop_transforms(cfg, keys, model.pad_value)
     xforms.append(
         CastToTyped(keys, dtype=(torch.float32, torch.int64), allow_missing_keys=missing_ok)
     )
@@ -422,39 +467,10 @@ def build_dataset(
 
 
 def hu_per_unit(cfg: PreprocessConfig) -> float:
-    """Source units (HU for CT) per unit of model input: ``(a_max - a_min) / (b_max - b_min)``.
-
-    Converts a perturbation budget from model range to source units, e.g. ``8/255`` with
-    the default window ``[-175, 250] -> [0, 1]`` is ``8/255 * 425 = 13.3`` HU.
-
-    Args:
-        cfg: the preprocessing settings.
-
-    Returns:
-        The scale factor (positive).
-    """
-    if not (cfg.a_max > cfg.a_min and cfg.b_max > cfg.b_min):
-        raise ValueError(
-            f"a_max must be > a_min and b_max > b_min, got a=[{cfg.a_min}, {cfg.a_max}], "
-            f"b=[{cfg.b_min}, {cfg.b_max}]."
-        )
-    return float(cfg.a_max - cfg.a_min) / float(cfg.b_max - cfg.b_min)
+    """Deprecated: ``intensity_from_preprocess(cfg).unit_scale`` (source units per input unit)."""
+    return float(intensity_from_preprocess(cfg).unit_scale)  # type: ignore[arg-type]
 
 
 def to_source_units(x: ArrayT, cfg: PreprocessConfig) -> ArrayT:
-    """Map model-range intensities back to source units (HU): the inverse window.
-
-    ``a_min + (x - b_min) * hu_per_unit(cfg)``. Values clipped by the window (outside
-    ``[a_min, a_max]``) cannot be recovered; they come back as ``a_min``/``a_max``.
-
-    Args:
-        x: model-range intensities (numpy array, torch tensor or float).
-        cfg: the preprocessing settings.
-
-    Returns:
-        Same type and shape as ``x`` in source units.
-
-    Shape:
-        any; elementwise.
-    """
-    return (x - cfg.b_min) * hu_per_unit(cfg) + cfg.a_min
+    """Deprecated: ``intensity_from_preprocess(cfg).to_source(x)`` (model inputs -> source units)."""
+    return intensity_from_preprocess(cfg).to_source(x)

@@ -1,5 +1,6 @@
-"""Defences: VAFT training losses (:mod:`volattack.defenses.vaft`) and input-transform defences
-with BPDA / EOT adaptive evaluation (:mod:`volattack.defenses.input_transforms`).
+"""Defences: VAFT training losses (:mod:`volattack.defenses.vaft`), input-transform defences
+(:mod:`volattack.defenses.transforms`, registered by name in :mod:`volattack.defenses.registry`)
+and their BPDA / EOT adaptive evaluation (:mod:`volattack.defenses.adaptive`).
 
 Names are loaded lazily on first access, so importing this package stays light.
 """
@@ -14,17 +15,22 @@ _LAZY = {
     "logits_dct": "volattack.defenses.vaft",
     "VAFTLoss": "volattack.defenses.vaft",
     "vaft_objective": "volattack.defenses.vaft",
-    "AdaptiveModel": "volattack.defenses.input_transforms",
-    "BPDA_MODES": "volattack.defenses.input_transforms",
-    "DCTLowPass": "volattack.defenses.input_transforms",
-    "DCTQuantization": "volattack.defenses.input_transforms",
-    "DefendedModel": "volattack.defenses.input_transforms",
-    "EOTModel": "volattack.defenses.input_transforms",
-    "GaussianSmoothing": "volattack.defenses.input_transforms",
-    "InputTransform": "volattack.defenses.input_transforms",
-    "MedianFilter": "volattack.defenses.input_transforms",
-    "RandomNoise": "volattack.defenses.input_transforms",
-    "adaptive_wrapper": "volattack.defenses.input_transforms",
+    "AdaptiveModel": "volattack.defenses.adaptive",
+    "DefendedModel": "volattack.defenses.adaptive",
+    "EOTModel": "volattack.defenses.adaptive",
+    "adaptive_wrapper": "volattack.defenses.adaptive",
+    "BPDA_MODES": "volattack.defenses.transforms",
+    "DCTLowPass": "volattack.defenses.transforms",
+    "DCTQuantization": "volattack.defenses.transforms",
+    "GaussianSmoothing": "volattack.defenses.transforms",
+    "InputTransform": "volattack.defenses.transforms",
+    "MedianFilter": "volattack.defenses.transforms",
+    "RandomNoise": "volattack.defenses.transforms",
+    "build_defense": "volattack.defenses.registry",
+    "describe_defense": "volattack.defenses.registry",
+    "list_defenses": "volattack.defenses.registry",
+    "register_defense": "volattack.defenses.registry",
+    "reseed_defense": "volattack.defenses.registry",
 }
 
 __all__ = sorted(_LAZY)

@@ -4,7 +4,12 @@ A volattack checkpoint is a ``torch.save`` of a plain dictionary::
 
     {"format": "volattack-checkpoint", "version": 1,
      "model": {"name": ..., "in_channels": ..., "out_channels": ..., "kwargs": {...}},
+     "preprocess": {...},            # the data.preprocess section it was trained with (optional)
+     "class_names": {0: "background", ...},                                   # (optional)
      "state_dict": {...}, **extra}   # extra: epoch, metrics, optimizer state, seed, ...
+
+Checkpoints written before ``preprocess`` was stored fall back to the ``config.yaml`` that
+``volattack train`` writes beside them (:func:`checkpoint_preprocess`).
 
 It is read back with ``torch.load(weights_only=True)``, so a file that holds arbitrary
 Python objects is refused instead of executed, and the network is rebuilt from the
@@ -15,18 +20,21 @@ model.
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import logging
 import os
 import pickle
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Optional, Union
 
 import torch
 import torch.nn as nn
 
+from volattack.data.config import PreprocessConfig
 from volattack.models.config import ModelConfig
+from volattack.utils import atomic_write_bytes
 from volattack.models.zoo import create_model
 
 logger = logging.getLogger(__name__)
@@ -56,18 +64,30 @@ def _describe(model_info: Mapping[str, Any]) -> str:
     )
 
 
-def save_checkpoint(path: PathLike, model: nn.Module, model_cfg: ModelConfig, **extra: Any) -> Path:
+def save_checkpoint(
+    path: PathLike,
+    model: nn.Module,
+    model_cfg: ModelConfig,
+    *,
+    preprocess: Optional[Union[PreprocessConfig, Mapping[str, Any]]] = None,
+    class_names: Optional[Mapping[int, str]] = None,
+    **extra: Any,
+) -> Path:
     """Save ``model``'s weights and the description needed to rebuild it, atomically.
 
     The file is written to a temporary file in the destination folder and moved into
-    place with ``os.replace``, so an interrupted save never leaves a truncated checkpoint
-    under ``path``. Parent folders are created.
+    place (:func:`volattack.utils.atomic_write_bytes`), so an interrupted save never leaves a
+    truncated checkpoint under ``path``. Parent folders are created.
 
     Args:
         path: destination file (``.pt`` by convention).
         model: the network whose ``state_dict()`` is stored (moved to CPU tensors).
         model_cfg: registry name, channels and keyword arguments that rebuild ``model``
             with :func:`create_model`.
+        preprocess: the ``data.preprocess`` section the model was trained with (a
+            ``PreprocessConfig`` or its mapping); stored so that the model carries its
+            intensity window, orientation, spacing and window size.
+        class_names: label index -> name.
         **extra: anything else loadable with ``weights_only=True`` (numbers, strings,
             lists, dicts, tensors): epoch, metrics, optimizer state, seed, RNG state.
 
@@ -76,28 +96,66 @@ def save_checkpoint(path: PathLike, model: nn.Module, model_cfg: ModelConfig, **
 
     Raises:
         ValueError: ``extra`` uses a reserved key (``format``, ``version``, ``model``,
-            ``state_dict``).
+            ``state_dict``), or a bad ``preprocess``/``class_names``.
     """
     reserved = {"format", "version", "model", "state_dict"} & set(extra)
     if reserved:
         raise ValueError(f"extra keys {sorted(reserved)} are reserved by the checkpoint format.")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     payload = {"format": FORMAT, "version": VERSION, "model": _model_dict(model_cfg), "state_dict": state, **extra}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=str(path.parent))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    if preprocess is not None:
+        payload["preprocess"] = _preprocess_dict(preprocess)
+    if class_names is not None:
+        if not isinstance(class_names, Mapping):
+            raise ValueError(f"class_names must be a mapping of label index to name, got {class_names!r}.")
+        payload["class_names"] = {int(k): str(v) for k, v in class_names.items()}
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    atomic_write_bytes(buf.getvalue(), path)
     logger.debug("Saved checkpoint %s", path)
     return path
+
+
+def _preprocess_dict(preprocess: Any) -> dict[str, Any]:
+    """The stored (plain) form of a preprocess section, validated."""
+    if isinstance(preprocess, Mapping):
+        try:
+            preprocess = PreprocessConfig(**dict(preprocess))
+        except TypeError as e:
+            raise ValueError(f"preprocess: {e}") from e
+    if not isinstance(preprocess, PreprocessConfig):
+        raise ValueError(f"preprocess must be a PreprocessConfig or a mapping, got {type(preprocess).__name__}.")
+    return dataclasses.asdict(preprocess)
+
+
+def checkpoint_preprocess(ckpt: Mapping[str, Any], path: PathLike) -> tuple[Optional[PreprocessConfig], str]:
+    """The ``PreprocessConfig`` a checkpoint's model was trained with, and where it came from.
+
+    Looks at the checkpoint's ``preprocess`` entry, then (older checkpoints) at
+    ``data.preprocess`` of the ``config.yaml`` beside the file; an unreadable entry is logged
+    and skipped.
+
+    Returns:
+        ``(config, "checkpoint" | "config.yaml")``, or ``(None, "unknown")``.
+    """
+    from volattack.yaml_config import from_dict, load_yaml
+
+    stored = ckpt.get("preprocess")
+    if isinstance(stored, Mapping):
+        try:
+            return from_dict(PreprocessConfig, stored, "preprocess"), "checkpoint"
+        except ValueError as e:
+            logger.warning("Checkpoint %s: ignoring its stored preprocess section: %s", path, e)
+    beside = Path(path).parent / "config.yaml"
+    if beside.is_file():
+        try:
+            raw = load_yaml(beside)
+            section = (raw.get("data") or {}).get("preprocess") or {}
+            return from_dict(PreprocessConfig, section, "data.preprocess"), "config.yaml"
+        except (ValueError, AttributeError) as e:
+            logger.warning("Checkpoint %s: ignoring %s: %s", path, beside, e)
+    return None, "unknown"
 
 
 def _read(path: PathLike, map_location: Any = "cpu") -> Any:
