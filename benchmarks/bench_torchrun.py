@@ -69,7 +69,8 @@ def phantoms_and_model(
     """
     import volattack
     from volattack.data.config import DataConfig, PreprocessConfig
-    from volattack.models.config import ModelConfig, TrainConfig
+    from volattack.models.config import ModelConfig
+    from volattack.training.config import TrainConfig
     from volattack.training import train
 
     pre = {"roi_size": list(roi), "num_samples": 2, "crop_foreground": crop_foreground}

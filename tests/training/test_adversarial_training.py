@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -17,7 +18,8 @@ from volattack.data.phantoms import make_phantom_dataset
 from volattack.defenses.adversarial import adversarial_loss, build_adversary
 from volattack.defenses.config import AdversaryConfig
 from volattack.config import RunConfig
-from volattack.models.config import ModelConfig, TrainConfig
+from volattack.models.config import ModelConfig
+from volattack.training.config import TrainConfig
 from volattack.training import train
 
 
@@ -167,3 +169,114 @@ def test_adversarial_only_recipe_skips_the_clean_forward(clean_weight, train_for
     assert terms["total"] == pytest.approx(clean_weight * terms.get("clean", 0.0) + terms["adv"], rel=1e-6)
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+# ----------------------------------------------------------------------------- per-crop random draws
+
+
+class _RecordingAttack:
+    """Stands in for an attack that takes ``sample_ids``: records every call, returns the input."""
+
+    def __init__(self) -> None:
+        self.calls: list[dict] = []
+
+    def run(self, images, labels, *, seed=None, sample_ids=None):
+        self.calls.append({"seed": seed, "sample_ids": list(sample_ids), "n": images.shape[0]})
+        return SimpleNamespace(adv=images.detach().clone(), info={})
+
+
+def test_crop_sample_ids_are_distinct_per_crop_and_rank():
+    from volattack.training import crop_sample_ids
+
+    assert crop_sample_ids(0, 3) == [0, 1, 2] and crop_sample_ids(3, 2) == [3, 4]
+    ranks = [crop_sample_ids(0, 3, r, 2) + crop_sample_ids(3, 2, r, 2) for r in range(2)]
+    assert ranks == [[0, 2, 4, 6, 8], [1, 3, 5, 7, 9]]
+    assert crop_sample_ids(5, 0) == []
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_train_epoch_gives_every_crop_its_own_sample_id(rank):
+    """Defect 8 (training side): each attack call gets one id per crop, the crop's index in the epoch
+    (interleaved over the ranks), so crops of a batch and of different ranks never share a random start;
+    with ``share`` 0.5 only the attacked first half of each batch is passed."""
+    from volattack.training import train_epoch
+
+    torch.manual_seed(0)
+    model = _net().train()
+    x, y = _task(2, 0)
+    loader = [{"image": x, "label": y}] * 3
+    for share, per_call in ((1.0, 2), (0.5, 1)):
+        spy = _RecordingAttack()
+        train_epoch(model, loader, torch.optim.SGD(model.parameters(), lr=0.0),
+                    DiceCELoss(to_onehot_y=True, softmax=True), device=torch.device("cpu"), attack=spy,
+                    adv_cfg=AdversaryConfig(name="pgd", share=share), seed=7, rank=rank, world_size=2)
+        ids = [c["sample_ids"] for c in spy.calls]
+        assert [len(i) for i in ids] == [per_call] * 3 and all(c["n"] == per_call for c in spy.calls)
+        assert ids == [[(2 * step + b) * 2 + rank for b in range(per_call)] for step in range(3)]
+        assert len({i for call in ids for i in call}) == 3 * per_call  # distinct within the epoch
+        assert len({c["seed"] for c in spy.calls}) == 3  # and a fresh seed per step
+
+
+def test_adversarial_loss_rejects_a_wrong_number_of_sample_ids():
+    model = _net().train()
+    x, y = _task(2, 0)
+    cfg = AdversaryConfig(name="pgd", params={"eps": "8/255", "steps": 1})
+    with pytest.raises(ValueError, match=r"sample_ids must hold one id per sample \(2\), got 3"):
+        adversarial_loss(model, x, y, _RecordingAttack(), cfg, DiceCELoss(to_onehot_y=True, softmax=True),
+                         sample_ids=[0, 1, 2])
+
+
+def test_identical_crops_of_a_batch_get_different_random_starts():
+    """PGD-AT with a random start: two identical crops in one batch are attacked from different starts
+    (their sample ids differ), so their adversarial copies differ."""
+    import inspect
+
+    model = _net().train()
+    x, y = _task(1, 0)
+    x, y = x.repeat(2, 1, 1, 1, 1), y.repeat(2, 1, 1, 1, 1)
+    cfg = AdversaryConfig(name="pgd", params={"eps": "8/255", "alpha": "1/255", "steps": 1, "random_start": True})
+    attack = build_adversary(cfg, model)
+    if "sample_ids" not in inspect.signature(attack.run).parameters:
+        pytest.skip("Attack.run has no sample_ids yet")
+    crafted = {}
+    run = attack.run
+
+    def spy_run(images, labels, *, seed=None, sample_ids=None):
+        res = run(images, labels, seed=seed, sample_ids=sample_ids)
+        crafted["adv"] = res.adv
+        return res
+
+    attack.run = spy_run
+    adversarial_loss(model, x, y, attack, cfg, DiceCELoss(to_onehot_y=True, softmax=True), seed=3,
+                     sample_ids=[10, 11])
+    adv = crafted["adv"]
+    assert float((adv[0] - adv[1]).abs().max()) > 1 / 255
+
+
+@pytest.mark.slow
+def test_attack_seeds_and_sample_ids_replay_across_resume(tmp_path, monkeypatch):
+    """A run resumed from last.pt makes the attack calls (seed and per-crop ids) an uninterrupted run makes."""
+    import volattack.defenses.adversarial as adversarial
+
+    datalist = make_phantom_dataset(tmp_path / "ph", n=2, size=(16, 16, 16), seed=0, n_val=1, n_test=0)
+    data = DataConfig(datalist=str(datalist),
+                      preprocess=PreprocessConfig(roi_size=[16, 16, 16], num_samples=2, crop_foreground=False))
+    model_cfg = ModelConfig(name="unet", out_channels=5, kwargs={"channels": [4, 8], "strides": [2]})
+    tcfg = TrainConfig(epochs=2, batch_size=1, lr=3e-3, val_interval=1, sw_batch_size=1, cache=False,
+                       adversary=AdversaryConfig(name="pgd", params={"eps": "4/255", "steps": 1}))
+    spies: list[_RecordingAttack] = []
+
+    def spy_build(*a, **kw):
+        spies.append(_RecordingAttack())
+        return spies[-1]
+
+    monkeypatch.setattr(adversarial, "build_adversary", spy_build)
+    train(model_cfg, tcfg, data, tmp_path / "full", seed=4, progress=False)
+    train(model_cfg, replace(tcfg, epochs=1), data, tmp_path / "part", seed=4, progress=False)
+    train(model_cfg, tcfg, data, tmp_path / "part", seed=4, resume=True, progress=False)
+    full, part, resumed = (s.calls for s in spies)
+    assert len(full) == 4 and len(part) == 2 and len(resumed) == 2  # 2 cases per epoch, batch 1
+    assert part == full[:2] and resumed == full[2:]
+    # two crops per case: ids 0, 1 then 2, 3 in every epoch; seeds differ between steps and epochs
+    assert [c["sample_ids"] for c in full] == [[0, 1], [2, 3]] * 2
+    assert len({c["seed"] for c in full}) == 4

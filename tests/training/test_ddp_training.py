@@ -16,8 +16,9 @@ import torch
 from volattack.data.config import DataConfig, PreprocessConfig
 from volattack.data.phantoms import make_phantom_dataset
 from volattack.models.checkpoint import read_checkpoint
-from volattack.models.config import ModelConfig, TrainConfig
-from volattack.training import _epoch_seed, shard_indices, train
+from volattack.models.config import ModelConfig
+from volattack.training.config import TrainConfig
+from volattack.training import epoch_seed, shard_indices, train
 
 MODEL = ModelConfig(name="unet", in_channels=1, out_channels=5, kwargs={"channels": [4, 8], "strides": [2]})
 # 16^3 phantoms and a 16^3 roi: the pos/neg crop is the whole volume, so crops are deterministic and
@@ -52,7 +53,7 @@ def _state(path: Path) -> dict[str, torch.Tensor]:
 def test_shard_indices_are_disjoint_equal_and_follow_the_single_process_order() -> None:
     from monai.data import DataLoader
 
-    eseed = _epoch_seed(0, 3)
+    eseed = epoch_seed(0, 3)
     # one process: exactly the order DataLoader(shuffle=True) visits with the same generator seed
     visited = [int(b) for b in DataLoader(list(range(7)), batch_size=1, shuffle=True,
                                           generator=torch.Generator().manual_seed(eseed))]
@@ -63,8 +64,8 @@ def test_shard_indices_are_disjoint_equal_and_follow_the_single_process_order() 
     assert all(len(s) == 2 for s in shards)
     assert Counter(i for s in shards for i in s) == Counter(visited[:6])  # disjoint
     # another epoch, another permutation (and another left-out case over a few epochs)
-    assert shard_indices(7, _epoch_seed(0, 4), 0, 1) != visited
-    left_out = {(set(range(7)) - {i for r in range(3) for i in shard_indices(7, _epoch_seed(0, e), r, 3)}).pop()
+    assert shard_indices(7, epoch_seed(0, 4), 0, 1) != visited
+    left_out = {(set(range(7)) - {i for r in range(3) for i in shard_indices(7, epoch_seed(0, e), r, 3)}).pop()
                 for e in range(1, 9)}
     assert len(left_out) > 1
 
@@ -145,12 +146,14 @@ from dataclasses import replace
 
 import volattack.defenses.adversarial as adv_mod
 import volattack.training as T
+import volattack.training.loop as loop
 from volattack.data.config import DataConfig, PreprocessConfig
 from volattack.defenses.config import AdversaryConfig
-from volattack.models.config import ModelConfig, TrainConfig
+from volattack.models.config import ModelConfig
+from volattack.training.config import TrainConfig
 
 nets, checks = [], {"calls": 0, "bad_mode": 0, "stray_grads": 0}
-_create, _adv_loss = T.create_model, adv_mod.adversarial_loss
+_create, _adv_loss = loop.create_model, adv_mod.adversarial_loss
 
 
 def spy_create(*a, **k):
@@ -166,7 +169,7 @@ def spy_adv_loss(model, *a, **k):
     return loss, terms
 
 
-T.create_model, adv_mod.adversarial_loss = spy_create, spy_adv_loss
+loop.create_model, adv_mod.adversarial_loss = spy_create, spy_adv_loss
 datalist, root = sys.argv[1], sys.argv[2]
 data = DataConfig(datalist=datalist,
                   preprocess=PreprocessConfig(roi_size=[16, 16, 16], num_samples=1, crop_foreground=False))
@@ -231,13 +234,14 @@ def test_torchrun_adversarial_training_resume_and_identical_ranks(data: DataConf
 def test_fewer_training_cases_than_ranks_is_an_error(data: DataConfig, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Checked before any model work: a 1-case split on 2 ranks (a fake group: only its size is read)."""
-    import volattack.training as T
+    import volattack.training.loop as loop
+    from volattack.distributed import DistContext
 
     listing = json.loads(Path(data.datalist).read_text())
     listing["training"] = listing["training"][:1]
     path = Path(data.datalist).parent / "one_case.json"
     path.write_text(json.dumps(listing))
-    monkeypatch.setattr(T, "_setup_distributed", lambda device: (T._Dist(rank=0, world=2), device))
+    monkeypatch.setattr(loop, "setup_distributed", lambda device: (DistContext(rank=0, world=2), device))
     with pytest.raises(ValueError, match=r"training split 'training' of .*one_case\.json.* has 1 case\(s\), "
                                          r"fewer than the 2 ranks"):
         train(MODEL, replace(TrainConfig(), epochs=1), replace(data, datalist=str(path)), tmp_path / "run",

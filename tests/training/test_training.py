@@ -14,9 +14,11 @@ import torch
 from volattack.data.config import DataConfig, PreprocessConfig
 from volattack.data.phantoms import make_phantom_dataset
 from volattack.models.checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
-from volattack.models.config import ModelConfig, TrainConfig
+from volattack.config import ConfigError, RunConfig, from_dict
+from volattack.models.config import ModelConfig
 from volattack.models.zoo import create_model
 from volattack.training import train, validate_train_config
+from volattack.training.config import TrainConfig
 
 pytestmark = pytest.mark.slow
 
@@ -170,19 +172,37 @@ def test_missing_datalist(tmp_path: Path) -> None:
     ],
 )
 def test_bad_train_config(field: str, value: object, message: str, tmp_path: Path) -> None:
-    cfg = replace(TRAIN, **{field: value})
+    with pytest.raises(ValueError, match=message):  # TrainConfig checks when it is built
+        replace(TRAIN, **{field: value})
+    cfg = replace(TRAIN)
+    setattr(cfg, field, value)  # assigned afterwards: train() checks again before touching any file
     with pytest.raises(ValueError, match=message):
         validate_train_config(cfg)
-    with pytest.raises(ValueError, match=message):  # train() checks before touching any file
+    with pytest.raises(ValueError, match=message):
         train(MODEL, cfg, DataConfig(datalist=str(tmp_path / "none.json")), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"epochs": 0}, r"^train\.epochs must be an integer >= 1, got 0\.$"),
+    ({"lr_schedule": "step"}, r"^train\.lr_schedule must be one of constant, cosine, poly, got 'step'"),
+    ({"sw_overlap": 1.0}, r"^train\.sw_overlap must be in \[0, 1\), got 1\.0\.$"),
+])
+def test_yaml_train_errors_name_the_key_once(raw: dict, message: str) -> None:
+    """From YAML the message is the one Python gives (no "train: train." double prefix)."""
+    with pytest.raises(ConfigError, match=message):
+        from_dict(RunConfig, {"train": raw})
 
 
 def test_bad_seed_and_device(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"seed must be an integer >= 0, got -1"):
         validate_train_config(TRAIN, seed=-1)
-    with pytest.raises(ValueError, match=r"train\.device must be .* got 'gpu0'"):
-        train(MODEL, replace(TRAIN, device="gpu0"), DataConfig(datalist="x.json"), tmp_path, progress=False)
+    with pytest.raises(ValueError, match=r"seed must be an integer >= 0, got -1"):
+        train(MODEL, TRAIN, DataConfig(datalist="x.json"), tmp_path / "run", seed=-1, progress=False)
+    with pytest.raises(ValueError, match=r"train\.device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got 'gpu0'"):
+        replace(TRAIN, device="gpu0")
+    for ok in (None, "auto", "cpu", "cuda", "cuda:1"):
+        assert replace(TRAIN, device=ok).device == ok
 
 
 def test_without_validation_split_best_is_final_model(data: DataConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

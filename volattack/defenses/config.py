@@ -1,4 +1,5 @@
-"""Configuration of adversarial training (light: no torch/MONAI import)."""
+"""Configuration of adversarial training (:class:`AdversaryConfig`) and of input-transform
+defences (:class:`TransformSpec`, :class:`DefenseConfig`); light: no torch/MONAI import."""
 
 from __future__ import annotations
 
@@ -52,3 +53,118 @@ class AdversaryConfig:
                 raise ValueError(f"adversary.{k} must be >= 0, got {v}.")
         if self.name != "none" and self.clean_weight == 0 and self.adv_weight == 0:
             raise ValueError("adversary: clean_weight and adv_weight cannot both be 0.")
+
+
+# ---------------------------------------------------------------------- input-transform defences
+
+#: Backward passes of the adaptive attack through non-differentiable transforms (the BPDA modes
+#: of :mod:`volattack.defenses.transforms`, which take them from here).
+DEFENSE_BPDA: tuple[str, ...] = ("none", "identity", "smooth")
+
+
+def __getattr__(name: str) -> Any:
+    if name == "DEFENSE_TRANSFORMS":  # the registered names (imports the transforms, hence torch)
+        from volattack.defenses.registry import list_defenses
+
+        return tuple(list_defenses())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def _short(v: Any) -> str:
+    """A parameter value for labels: multiples of 1/255 as ``k/255``, other floats with 4 digits."""
+    if isinstance(v, float):
+        k = v * 255
+        return f"{int(round(k))}/255" if v != 0 and abs(k - round(k)) < 1e-6 else f"{v:.4g}"
+    return str(v)
+
+
+@dataclass
+class TransformSpec:
+    """One input transform of a defence: ``{name: dct_quant, params: {q: 10, block_size: 8}}``.
+
+    Attributes:
+        name: a registered defence (``volattack.defenses.registry.list_defenses()``: ``gaussian``,
+            ``median``, ``dct_lowpass``, ``dct_quant``, ``noise`` and any ``@register_defense``).
+        params: keyword arguments of the transform's constructor (numbers may be fractions such
+            as ``"2/255"``); they are validated by the constructor when the pipeline starts
+            (before any data work). ``gaussian``: ``sigma`` (voxels), ``truncated``; ``median``:
+            ``kernel_size`` (odd, voxels); ``dct_lowpass``: ``block_size``, ``keep``;
+            ``dct_quant``: ``block_size``, ``q``, ``growth``, ``intensity_scale``,
+            ``soft_round_a``; ``noise``: ``sigma`` (input units), ``seed``.
+
+    The name is checked against the registry, imported on first use (this imports torch; the
+    command line's ``--help`` builds no config).
+
+    Raises:
+        ValueError: unknown ``name`` (with a suggestion), ``params`` not a mapping, or a
+            ``bpda``/``generator`` entry in ``params``.
+    """
+
+    name: str = "gaussian"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from volattack.checks import check_choice, parse_number
+        from volattack.defenses.registry import RESERVED_PARAMS, list_defenses
+
+        check_choice("name", self.name, list_defenses())
+        if not isinstance(self.params, dict):
+            raise ValueError(f"params of transform {self.name!r} must be a mapping, got {self.params!r}.")
+        for k in RESERVED_PARAMS:
+            if k in self.params:
+                hint = " set evaluate.defense.bpda instead" if k == "bpda" else " it is not configurable"
+                raise ValueError(
+                    f"params.{k} of transform {self.name!r} is not allowed ({k}={self.params[k]!r}):{hint}."
+                )
+        self.params = {k: parse_number(v, f"params.{k}") for k, v in self.params.items()}
+
+    def label(self) -> str:
+        """Short label, e.g. ``dct_quant(q=10, block_size=8)``."""
+        if not self.params:
+            return self.name
+        return f"{self.name}({', '.join(f'{k}={_short(v)}' for k, v in self.params.items())})"
+
+
+@dataclass
+class DefenseConfig:
+    """The ``evaluate.defense`` section: input transforms in front of the model, and the adaptive attack.
+
+    The evaluated model becomes ``model(t_n(... t_1(x)))`` (``DefendedModel``): its clean Dice
+    is the report's clean row, and every attack is scored on it. The attacks differentiate the
+    adaptive model of ``adaptive_wrapper`` (Athalye, Carlini & Wagner, "Obfuscated Gradients
+    Give a False Sense of Security", ICML 2018): BPDA through the non-differentiable transforms
+    (``median``, ``dct_quant``) and EOT over the randomised ones (``noise``).
+
+    Attributes:
+        transforms: the transforms, applied first to last (at least one).
+        bpda: backward pass through the non-differentiable transforms: ``"identity"``
+            (straight-through, the default), ``"smooth"`` (gradient of a smooth approximation)
+            or ``"none"`` (plain autograd: a non-adaptive attack that the defence may mask,
+            shown by the zero-gradient sanity check).
+        eot_samples: draws averaged per forward pass when a transform is randomised (>= 1);
+            ignored (with a warning) otherwise.
+
+    Raises:
+        ValueError: empty ``transforms``, unknown ``bpda`` (with a suggestion) or
+            ``eot_samples`` not an integer >= 1.
+    """
+
+    transforms: list[TransformSpec] = field(default_factory=list)
+    bpda: str = "identity"
+    eot_samples: int = 1
+
+    def __post_init__(self) -> None:
+        from volattack.checks import check_choice
+
+        self.transforms = [TransformSpec(**t) if isinstance(t, dict) else t for t in self.transforms]
+        if not self.transforms:
+            raise ValueError(
+                "transforms must list at least one transform (or remove the defense section), got []."
+            )
+        for i, t in enumerate(self.transforms):
+            if not isinstance(t, TransformSpec):
+                raise ValueError(f"transforms[{i}] must be a TransformSpec or a mapping, got {t!r}.")
+        check_choice("bpda", self.bpda, DEFENSE_BPDA)
+        n = self.eot_samples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"eot_samples must be an integer >= 1, got {n!r}.")

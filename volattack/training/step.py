@@ -1,0 +1,115 @@
+"""One pass of optimisation steps over a loader: :func:`train_epoch` (the loop body of
+:func:`volattack.training.train`, also under DDP; benchmarks time it directly)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+
+from volattack.defenses.config import AdversaryConfig
+from volattack.training.data import as_tensor
+
+#: the attack call of step ``it`` of an epoch with base seed ``s`` uses seed ``s * STEP_SEED_STRIDE + it``
+STEP_SEED_STRIDE = 100_003
+
+
+def crop_sample_ids(first: int, n: int, rank: int = 0, world_size: int = 1) -> list[int]:
+    """Global indices of crops ``first .. first + n - 1`` of one rank in an epoch.
+
+    Crop ``k`` (counted from the start of the epoch) of rank ``r`` gets ``k * world_size + r``:
+    distinct for every crop of every rank, and ``first + b`` in a single process. The attack
+    draws sample ``b``'s random start from ``seed_from(seed, ids[b])``, so crops of one batch
+    (and of different ranks) never share a draw, and a resumed epoch replays the same draws.
+
+    Args:
+        first: crops of this rank already seen in the epoch (>= 0).
+        n: crops in the batch (>= 0).
+        rank: this rank, in [0, world_size).
+        world_size: number of ranks (>= 1).
+
+    Returns:
+        ``n`` non-negative ints.
+    """
+    return [(first + b) * world_size + rank for b in range(n)]
+
+
+def train_epoch(
+    model: nn.Module,
+    loader: Any,
+    optimizer: torch.optim.Optimizer,
+    loss_fn: nn.Module,
+    *,
+    device: torch.device,
+    attack: Optional[Any] = None,
+    adv_cfg: Optional[AdversaryConfig] = None,
+    lr_at: Optional[Callable[[int], float]] = None,
+    amp_dtype: Optional[torch.dtype] = None,
+    scaler: Optional[Any] = None,
+    seed: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+) -> list[float]:
+    """One pass over ``loader``: per batch, the clean loss (``attack`` None) or
+    :func:`~volattack.defenses.adversarial.adversarial_loss` (PGD-AT, fast AT, VAFT ...), backward
+    and an optimiser step.
+
+    Under AMP the training forward passes run in ``amp_dtype`` autocast; the attack runs outside
+    any autocast, at the precision it was built with (``build_adversary(..., amp_dtype=...)``),
+    so under float16 it scales its own loss and its input gradients do not underflow.
+
+    Args:
+        model: the segmenter (or its DDP wrapper), in train mode.
+        loader: yields ``{"image": (B, C, H, W, D), "label": (B, 1, H, W, D)}`` batches.
+        optimizer: updates ``model``'s parameters.
+        loss_fn: e.g. MONAI ``DiceCELoss(to_onehot_y=True, softmax=True)``.
+        device: where batches are moved.
+        attack: the adversary from ``build_adversary`` (None: clean training); it must hold the
+            unwrapped module.
+        adv_cfg: ``train.adversary`` (weights and share), required with ``attack``.
+        lr_at: learning rate of the ``it``-th step of this epoch (None keeps the optimiser's).
+        amp_dtype: autocast dtype of the training passes (None: no autocast).
+        scaler: a ``torch.amp.GradScaler`` (None: plain backward and step).
+        seed: base seed of this epoch's attack calls: step ``it`` uses
+            ``seed * STEP_SEED_STRIDE + it`` and its crops the ids of :func:`crop_sample_ids`.
+        rank: this rank (DDP), in [0, world_size).
+        world_size: number of ranks (1 in a single process).
+
+    Returns:
+        The loss of every step, as floats.
+
+    Raises:
+        ValueError: ``attack`` without ``adv_cfg``.
+    """
+    from volattack.defenses.adversarial import adversarial_loss
+
+    if attack is not None and adv_cfg is None:
+        raise ValueError("adv_cfg (train.adversary) is required when an attack is given.")
+    losses: list[float] = []
+    crops_seen = 0
+    for it, batch in enumerate(loader):
+        if lr_at is not None:
+            lr_now = lr_at(it)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_now
+        image = as_tensor(batch["image"]).to(device)
+        label = as_tensor(batch["label"]).to(device).long()
+        optimizer.zero_grad(set_to_none=True)
+        if attack is None:
+            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+                loss = loss_fn(model(image), label)
+        else:  # examples crafted in eval mode, outside autocast; the attack restores train mode
+            ids = crop_sample_ids(crops_seen, image.shape[0], rank, world_size)
+            loss, _terms = adversarial_loss(model, image, label, attack, adv_cfg, loss_fn,
+                                            seed=seed * STEP_SEED_STRIDE + it, sample_ids=ids, amp_dtype=amp_dtype)
+        crops_seen += image.shape[0]
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        losses.append(float(loss.detach()))
+    return losses
