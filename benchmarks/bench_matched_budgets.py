@@ -21,7 +21,7 @@ def main() -> None:
     from bench_overhead import machine
     from volattack.attacks.objectives import hard_foreground_dice
     from benchmarks_results import add_quickstart_args, emit, load_quickstart
-    from volattack.data.transforms import hu_per_unit
+    from volattack.data.intensity import intensity_from_preprocess
     from volattack.checks import parse_number
     from volattack.evaluation.config import format_number
     from volattack.inference import make_inferer
@@ -34,7 +34,7 @@ def main() -> None:
     cfg, model, k, vols = load_quickstart(args)
     pre = cfg.data.preprocess
     inferer = make_inferer(pre.roi_size, 4, 0.25)
-    scale = hu_per_unit(pre)
+    scale = intensity_from_preprocess(pre).unit_scale
     s = args.steps
     settings = {
         "gn": dict(eps=eps),

@@ -77,9 +77,10 @@ def main(argv: Optional[list[str]] = None) -> None:
     from bench_torchrun import phantoms_and_model
     from volattack.data.config import PreprocessConfig
     from volattack.data.datalist import load_datalist
-    from volattack.data.transforms import build_transforms, hu_per_unit
+    from volattack.data.intensity import intensity_from_preprocess
+    from volattack.data.transforms import build_transforms
     from volattack.evaluation.patchwise import attack_patchwise, tile_grid
-    from volattack.evaluation.runner import load_case
+    from volattack.evaluation.cases import load_case
     from volattack.inference import make_inferer
     from volattack.metrics import mean_foreground_dice, perturbation_stats
 
@@ -97,7 +98,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         shape = list(vols[0][0].shape[2:])
         inferer = make_inferer(args.window, args.sw_batch_size, OVERLAP)
         common = dict(eps=EPS, steps=args.steps, objective="dice_ce", bounds=(pre.b_min, pre.b_max),
-                      unit_scale=hu_per_unit(pre), seed=0)
+                      unit_scale=intensity_from_preprocess(pre).unit_scale, seed=0)
         atk_volume = volattack.create_attack("pgd", model, inferer=inferer, **common)
         atk_patch = volattack.create_attack("pgd", model, **common)
 
@@ -132,7 +133,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                     secs[k].append(t[k])
                     if rep == 0:  # the attacks are seeded: every repetition gives the same volume
                         p = perturbation_stats(vols[i][0], adv, data_range=(pre.b_min, pre.b_max),
-                                               unit_scale=hu_per_unit(pre))
+                                               unit_scale=intensity_from_preprocess(pre).unit_scale)
                         scores[k].append({"dice": dice(i, adv), "linf_hu": float(p["linf_units"][0]),
                                           "rms_hu": float(p["rms_units"][0])})
                 pair_ratio.append(t["volume"] / t["patch"])

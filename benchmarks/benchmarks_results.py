@@ -65,7 +65,7 @@ def load_quickstart(args):
     import volattack
     from volattack.data.datalist import load_datalist
     from volattack.data.transforms import build_transforms
-    from volattack.evaluation.runner import load_case
+    from volattack.evaluation.cases import load_case
     from volattack.pipeline import load_run_config
 
     cfg = load_run_config(args.config)

@@ -87,3 +87,40 @@ def test_bad_files(tmp_path):
     evil.write_text("seed: !!python/object/apply:os.system ['echo hacked']\n")
     with pytest.raises(ConfigError, match="is not valid YAML"):
         load_yaml(evil)
+
+
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"targeted": True}, r"params.targeted=True cannot be set in a config: Python-only: .*target_labels"),
+        ({"target_labels": [[0]]}, r"params.target_labels=.* Python-only: .*pass targeted=True and target_labels"),
+        ({"mask": [1, 0]}, r"params.mask=\[1, 0\] cannot be set in a config: Python-only: pass a perturbation mask"),
+        ({"inferer": "sliding"}, r"params.inferer='sliding' .* Python-only: the evaluation runs every attack"),
+        ({"bounds": [0, 1]}, r"params.bounds=\[0, 1\] cannot be set in a config: set by the evaluation"),
+        ({"seed": 3}, r"params.seed=3 cannot be set in a config: set by the evaluation from the run's seed"),
+    ],
+)
+def test_python_only_attack_options_are_rejected_at_load(params, match):
+    """Defect 4 (config side): options that validation used to accept and that then failed every case."""
+    with pytest.raises(ConfigError, match=match):
+        from_dict(RunConfig, {"evaluate": {"attacks": [{"name": "pgd", "params": params}]}})
+    with pytest.raises(ValueError, match="cannot be set in a config"):
+        AttackSpec(name="pgd", sweep={k: [v] for k, v in params.items()})
+    assert AttackSpec(name="pgd", params={"targeted": False}).params == {"targeted": False}
+
+
+def test_data_test_key_selects_the_evaluated_split(tmp_path):
+    """Defect 2: ``data.test_key`` was accepted and ignored; ``evaluate.split`` now defaults to it."""
+    from volattack.pipeline import evaluation_split, load_run_config
+
+    def cfg(**sections):
+        p = tmp_path / "c.yaml"
+        p.write_text(dump_yaml(sections))
+        return load_run_config(str(p))
+
+    assert evaluation_split(cfg()) == "test"
+    assert evaluation_split(cfg(data={"test_key": "holdout"})) == "holdout"
+    assert evaluation_split(cfg(evaluate={"split": "validation"})) == "validation"
+    assert evaluation_split(cfg(data={"test_key": "holdout"}, evaluate={"split": "holdout"})) == "holdout"
+    with pytest.raises(ConfigError, match=r"evaluate.split='test' and data.test_key='holdout' name different splits"):
+        cfg(data={"test_key": "holdout"}, evaluate={"split": "test"})

@@ -17,7 +17,7 @@ from volattack import pipeline
 from volattack.cli import main
 from volattack.config import ConfigError
 from volattack.study import (
-    CSV_COLUMNS,
+    comparison_columns,
     comparison_csv,
     comparison_rows,
     deep_merge,
@@ -184,7 +184,8 @@ def test_comparison_rows_csv_and_tables():
     assert rows[0]["adv_dice"] == rows[0]["clean_dice"] == 0.9 and rows[0]["dice_drop"] is None
     assert rows[3]["dice_drop"] == pytest.approx(0.1) and rows[3]["linf"] == pytest.approx(4 / 255)
     table = list(csv.DictReader(io.StringIO(comparison_csv(rows))))
-    assert list(table[0]) == list(CSV_COLUMNS) and len(table) == 4
+    assert list(table[0]) == comparison_columns() and len(table) == 4
+    assert comparison_columns()[:5] == ["variant", "attack", "clean_dice", "adv_dice", "dice_drop"]
     assert table[1]["adv_dice"] == "0.5" and table[0]["dice_drop"] == "" and table[1]["intensity_units"] == "HU"
     pivot = dice_table(rows).splitlines()
     assert pivot[0] == "| Variant | clean | pgd(eps=4/255) |"

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("attack", help="attack name (volattack list attacks)")
     p.add_argument("-p", "--param", dest="params", action="append", default=[], metavar="KEY=VALUE",
                    help="attack parameter, e.g. -p eps=8/255 -p steps=10 (repeatable)")
-    p.add_argument("--split", default="test", help="datalist key to attack (default: test)")
+    p.add_argument("--split", default=None,
+                   help="datalist key to attack (default: data.test_key of the config, 'test' without one)")
     p.add_argument("--config", default=None,
                    help="run config for preprocessing (default: config.yaml beside the checkpoint)")
     p.add_argument("--seed", type=int, default=None)
@@ -164,9 +165,10 @@ def cmd_attack(args: argparse.Namespace) -> int:
         params[".".join(keys)] = value
     raw.setdefault("data", {})
     raw["data"]["datalist"] = args.datalist
+    if args.split is not None:  # the split of this datalist: replaces the test key of the training config
+        raw["data"]["test_key"] = args.split
     raw["evaluate"] = {
         "checkpoint": args.checkpoint,
-        "split": args.split,
         "attacks": [{"name": args.attack, "params": params}],
         "save_adv": args.save_adv,
         "save_pred": args.save_pred,
@@ -189,11 +191,11 @@ def cmd_benchmark(args: argparse.Namespace) -> int:
 
 
 def cmd_study(args: argparse.Namespace) -> int:
-    from volattack.study import dice_table, run_study
+    from volattack.study import comparison_rows, dice_table, run_study
 
     study = run_study(args.config, args.out, overrides=args.overrides, trust_bundle=args.trust_bundle,
                       progress=not args.quiet)
-    _out(dice_table(study["rows"]) + "\n\n")
+    _out(dice_table(comparison_rows(study["results"])) + "\n\n")
     for name, res in study["results"].items():
         for c in res.get("sanity") or []:
             if c["status"] == "warn":

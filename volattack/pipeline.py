@@ -13,8 +13,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
-from volattack.config import ConfigError, dump_yaml, from_dict, load_yaml, to_dict
-from volattack.config import RunConfig
+from volattack.config import ConfigError, RunConfig, dump_yaml, from_dict, load_yaml, to_dict
 from volattack.utils import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -26,7 +25,24 @@ def load_run_config(path: Optional[str], overrides: list[str] | tuple[str, ...] 
 
     raw = load_yaml(path) if path else {}
     raw = apply_overrides(raw, list(overrides))
-    return from_dict(RunConfig, raw)
+    cfg = from_dict(RunConfig, raw)
+    evaluation_split(cfg)
+    return cfg
+
+
+def evaluation_split(cfg: RunConfig) -> str:
+    """The datalist key of the evaluated cases: ``evaluate.split`` when given, else ``data.test_key``.
+
+    Raises:
+        ConfigError: both are set to different splits (see
+            :func:`volattack.evaluation.config.evaluation_split`).
+    """
+    from volattack.evaluation.config import evaluation_split as resolve
+
+    try:
+        return resolve(cfg.evaluate.split, cfg.data.test_key)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
 
 
 def ensure_phantoms(cfg: RunConfig, *, progress: bool = True) -> RunConfig:
@@ -73,8 +89,9 @@ def run_evaluate(cfg: RunConfig, out_dir: Path, *, checkpoint: Optional[str] = N
                  trust_bundle: bool = False, progress: bool = True) -> dict[str, Any]:
     """Evaluate a model clean and under ``cfg.evaluate.attacks``; writes results.json, report.md.
 
-    The model may be a volattack checkpoint, a TorchScript file, or a MONAI bundle directory
-    (``trust_bundle=True`` required: bundle configs can execute code). External models carry no
+    The model may be anything a registered model source opens (:func:`volattack.models.sources.load_model`:
+    a volattack checkpoint, a TorchScript file, a MONAI bundle directory with ``trust_bundle=True``,
+    since bundle configs can execute code); its weights digest keys the cached cases. External models carry no
     preprocessing, so ``cfg.data.preprocess`` and ``cfg.model.out_channels`` must describe them.
 
     With an ``evaluate.defense`` section the model is evaluated behind the configured input
@@ -89,29 +106,31 @@ def run_evaluate(cfg: RunConfig, out_dir: Path, *, checkpoint: Optional[str] = N
         raise ConfigError("No checkpoint to evaluate: set evaluate.checkpoint or pass --checkpoint.")
     if not cfg.evaluate.attacks:
         logger.warning("evaluate.attacks is empty: only clean Dice is reported")
-    # fail on bad attack names/parameters and defence transforms before loading data
+    # fail on a split conflict, bad attack names/parameters and defence transforms before loading data
+    split = evaluation_split(cfg)
     _validate_attacks(cfg)
     _validate_defense(cfg)
     model, info = _load_model(ckpt, trust_bundle)
-    surrogate, sur_info = None, None
-    if cfg.evaluate.surrogate_checkpoint:
-        surrogate, sur_info = _load_model(cfg.evaluate.surrogate_checkpoint, trust_bundle)
-    cases = load_datalist(cfg.data.datalist, key=cfg.evaluate.split, base_dir=cfg.data.base_dir)
-    names = _class_names(cfg.data.datalist)
+    surrogate, sur_info = (_load_model(cfg.evaluate.surrogate_checkpoint, trust_bundle)
+                           if cfg.evaluate.surrogate_checkpoint else (None, None))
+    cases = load_datalist(cfg.data.datalist, key=split, base_dir=cfg.data.base_dir)
+    names = _class_names(cfg.data.datalist) or dict(model.class_names)
     return evaluate(
-        model,
+        model.module,
         cases,
         out_dir,
         eval_cfg=cfg.evaluate,
         preprocess=cfg.data.preprocess,
-        num_classes=int(info.get("out_channels", cfg.model.out_channels)),
+        num_classes=int(model.num_classes or cfg.model.out_channels),
         seed=cfg.seed,
         class_names=names,
-        run_config=replace(cfg, evaluate=replace(cfg.evaluate, checkpoint=str(ckpt))),
+        run_config=replace(cfg, evaluate=replace(cfg.evaluate, checkpoint=str(ckpt), split=split)),
         model_info=info,
-        surrogate=surrogate,
+        surrogate=surrogate.module if surrogate is not None else None,
         surrogate_info=sur_info,
         progress=progress,
+        model_digest=model.digest,
+        surrogate_digest=surrogate.digest if surrogate is not None else None,
     )
 
 
@@ -124,6 +143,7 @@ def run_benchmark(cfg: RunConfig, out_dir: Path, *, trust_bundle: bool = False,
     atomic_write_text(out_dir / "config.yaml", dump_yaml(cfg))
     ckpt = cfg.evaluate.checkpoint
     if cfg.train is not None:
+        evaluation_split(cfg)
         _validate_attacks(cfg)
         _validate_defense(cfg)
         _validate_adversary(cfg)
@@ -147,14 +167,16 @@ def run_benchmark(cfg: RunConfig, out_dir: Path, *, trust_bundle: bool = False,
 
 
 def _load_model(spec: str, trust_bundle: bool) -> tuple[Any, dict[str, Any]]:
-    from volattack.models.external import load_any_model
+    """Load a model from any source (:func:`volattack.models.sources.load_model`); its description
+    for the results is the network (the checkpoint's model section, the architecture), the source,
+    the format and the path."""
+    from volattack.models.sources import load_model
 
-    model, meta = load_any_model(spec, trust_bundle=trust_bundle)
-    info = dict(meta.get("model", {})) if isinstance(meta.get("model"), dict) else {}
-    info.setdefault("name", meta.get("format", "model"))
-    info["format"] = meta.get("format")
-    info["checkpoint"] = str(spec)
-    return model, info
+    loaded = load_model(spec, trust_bundle=trust_bundle)
+    desc = loaded.info.get("model") if isinstance(loaded.info.get("model"), dict) else {}
+    info = {**desc, **{k: loaded.info.get(k) for k in ("source", "format", "architecture")}, "checkpoint": str(spec)}
+    info.setdefault("name", info.get("architecture") or info.get("format") or "model")
+    return loaded, info
 
 
 def _validate_attacks(cfg: RunConfig) -> None:
@@ -183,8 +205,8 @@ def _validate_defense(cfg: RunConfig) -> None:
 
     import torch
 
-    from volattack.defenses.input_transforms import adaptive_wrapper
-    from volattack.evaluation.runner import build_defense
+    from volattack.defenses.adaptive import adaptive_wrapper
+    from volattack.defenses.registry import build_defense
 
     try:
         with warnings.catch_warnings():  # the runner warns about eot_samples without randomness

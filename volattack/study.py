@@ -26,10 +26,10 @@ For each variant :func:`volattack.pipeline.run_benchmark` runs into ``<out>/<var
 interruption reuses finished training runs and finished cases). After each variant the
 comparison is rewritten atomically:
 
-- ``comparison.csv``: one row per variant x attack configuration (``clean`` included) with
-  clean Dice, adversarial Dice, Dice drop, L-inf, RMS (input units and HU) and SSIM;
+- ``comparison.csv``: one row per variant x attack configuration (``clean`` included), every
+  scalar column of the results schema (:mod:`volattack.evaluation.comparison`);
 - ``comparison.md``: the variants (adversary, epochs, validation Dice, time), a Dice pivot table
-  (variants x attacks) and the full table;
+  (variants x attacks) and the full table (the schema's ``study`` columns);
 - ``comparison.png``: grouped bars of Dice per attack (clean included), one bar per variant;
 - ``study.json``: the same numbers with per-variant run directories and timings.
 
@@ -43,8 +43,6 @@ Medical Segmentation", MICCAI 2023).
 from __future__ import annotations
 
 import copy
-import csv
-import io
 import json
 import logging
 import math
@@ -56,11 +54,20 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence, Union
 
-from volattack.config import ConfigError, apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
-from volattack.config import RunConfig
+from volattack.config import ConfigError, RunConfig, apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
+from volattack.evaluation.comparison import (
+    ComparisonRow,
+    comparison_columns,
+    comparison_csv,
+    comparison_figure,
+    comparison_rows,
+    dice_table,
+    failed_lines,
+    full_table,
+    sanity_lines,
+)
 from volattack.evaluation.config import format_number
-from volattack.evaluation.report import DEFAULT_UNITS, units_of
-from volattack.utils import atomic_write_bytes, atomic_write_json, atomic_write_text
+from volattack.utils import atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -71,13 +78,6 @@ VARIANTS_KEY = "variants"
 #: default study folder when neither ``out_dir`` nor ``output_dir`` is given
 DEFAULT_OUT = "runs/study"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-#: columns of ``comparison.csv`` (raw numbers; L-inf/RMS in input units, ``*_units`` in the source
-#: intensity unit named by the last column, e.g. HU)
-CSV_COLUMNS: tuple[str, ...] = (
-    "variant", "attack", "clean_dice", "adv_dice", "dice_drop", "linf", "rms", "linf_units", "rms_units", "ssim",
-    "intensity_units",
-)
 
 StudySource = Union[str, "os.PathLike[str]", Mapping[str, Any]]
 
@@ -231,7 +231,7 @@ def load_study(
             attack parameters. The message names the variant and the key.
         FileNotFoundError: no ``phantoms`` section and ``data.datalist`` does not exist.
     """
-    from volattack.pipeline import _validate_attacks, _validate_defense
+    from volattack.pipeline import _validate_attacks, _validate_defense, evaluation_split
 
     raw = apply_overrides(_read(config), list(overrides))
     base_raw = {k: v for k, v in raw.items() if k != VARIANTS_KEY}
@@ -243,6 +243,7 @@ def load_study(
             raise ConfigError("data.datalist is empty: give a datalist JSON or a 'phantoms' section.")
         if not Path(base.data.datalist).is_file():
             raise FileNotFoundError(f"data.datalist {base.data.datalist!r} does not exist.")
+    evaluation_split(base)
     _validate_attacks(base)  # variants cannot change evaluate: once is enough
     _validate_defense(base)
     variants: dict[str, RunConfig] = {}
@@ -271,137 +272,11 @@ def _num(v: Any) -> Optional[float]:
     return float(v)
 
 
-def comparison_rows(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """One row per variant x attack configuration (the clean row first) from evaluation results.
-
-    Args:
-        results: variant name -> the results dict returned by ``run_benchmark``
-            (``results["summary"]`` as built by :func:`volattack.evaluation.runner.summarize`).
-
-    Returns:
-        Rows with the keys of :data:`CSV_COLUMNS`. Dice values are mean foreground Dice over
-        the cases; ``dice_drop`` is the mean per-case clean minus adversarial Dice; ``linf``
-        and ``rms`` are in input units, ``linf_units`` and ``rms_units`` in the source unit
-        ``intensity_units`` (``results["intensity_units"]``, HU when absent); ``ssim`` is 3D
-        SSIM between clean and adversarial input. The clean row has no drop and no
-        perceptibility (``None``).
-    """
-    rows: list[dict[str, Any]] = []
-    for variant, res in results.items():
-        summ = res["summary"]
-        units = units_of(res)
-        clean = _num(summ["clean"]["dice"])
-        row = {k: None for k in CSV_COLUMNS}
-        rows.append({**row, "variant": variant, "attack": "clean", "clean_dice": clean, "adv_dice": clean,
-                     "intensity_units": units})
-        for label, s in summ["attacks"].items():
-            row = {"variant": variant, "attack": label}
-            for key in CSV_COLUMNS[2:-1]:
-                row[key] = _num(s.get(key))
-            row["intensity_units"] = units
-            rows.append(row)
-    return rows
-
-
-def _fmt(v: Any, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "–"
-    return f"{v:.{digits}f}"
-
-
-def _attack_order(rows: Sequence[Mapping[str, Any]]) -> list[str]:
-    order: list[str] = []
-    for r in rows:
-        if r["attack"] not in order:
-            order.append(r["attack"])
-    return order
-
-
-def dice_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown pivot of :func:`comparison_rows`: one line per variant, one column per attack
-    configuration (``clean`` first), mean foreground Dice in each cell."""
-    attacks = _attack_order(rows)
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    cell = {(r["variant"], r["attack"]): r["adv_dice"] for r in rows}
-    lines = ["| Variant | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
-    for v in variants:
-        lines.append(f"| {v} | " + " | ".join(_fmt(cell.get((v, a))) for a in attacks) + " |")
-    return "\n".join(lines)
-
-
-def full_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """Markdown table of :func:`comparison_rows`: L-inf in input units x 255 and in the source
-    unit (e.g. HU), RMS in the source unit."""
-    units = next((r["intensity_units"] for r in rows if r.get("intensity_units")), DEFAULT_UNITS)
-    lines = [
-        f"| Variant | Attack | Clean Dice | Adv Dice | Drop | L-inf | L-inf {units} | RMS {units} | SSIM |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        linf = "–" if r["linf"] is None else f"{r['linf'] * 255:.2f}/255"
-        lines.append(
-            f"| {r['variant']} | {r['attack']} | {_fmt(r['clean_dice'])} | {_fmt(r['adv_dice'])} | "
-            f"{_fmt(r['dice_drop'])} | {linf} | {_fmt(r['linf_units'], 1)} | {_fmt(r['rms_units'], 1)} | "
-            f"{_fmt(r['ssim'])} |"
-        )
-    return "\n".join(lines)
-
-
-def comparison_csv(rows: Sequence[Mapping[str, Any]]) -> str:
-    """CSV text of :func:`comparison_rows` (header :data:`CSV_COLUMNS`, empty cells for ``None``)."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(CSV_COLUMNS)
-    for r in rows:
-        w.writerow(["" if r.get(k) is None else r.get(k) for k in CSV_COLUMNS])
-    return buf.getvalue()
-
-
-def comparison_figure(rows: Sequence[Mapping[str, Any]], path: Union[str, "os.PathLike[str]"]) -> Path:
-    """Grouped bars of mean foreground Dice: one group per attack configuration (``clean``
-    first), one bar per variant; written atomically as PNG.
-
-    Args:
-        rows: from :func:`comparison_rows`.
-        path: the PNG file to write.
-
-    Returns:
-        ``path`` as a :class:`~pathlib.Path`.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    attacks = _attack_order(rows)
-    variants = list(dict.fromkeys(r["variant"] for r in rows))
-    cell = {(r["variant"], r["attack"]): r["adv_dice"] for r in rows}
-    width = 0.8 / max(len(variants), 1)
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(attacks) + 2), 4.2))
-    for j, v in enumerate(variants):
-        xs = [i - 0.4 + width * (j + 0.5) for i in range(len(attacks))]
-        ys = [cell.get((v, a)) for a in attacks]
-        ys = [float("nan") if y is None else y for y in ys]
-        bars = ax.bar(xs, ys, width=width * 0.95, label=v)
-        ax.bar_label(bars, labels=[_fmt(y, 2) for y in ys], fontsize=6, padding=1)
-    ax.set_xticks(range(len(attacks)))
-    ax.set_xticklabels(attacks, rotation=20, ha="right", fontsize=8)
-    ax.set_ylabel("mean foreground Dice (test cases)")
-    ax.set_ylim(0, 1.08)
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize=8, title="variant", title_fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    ax.set_title("Dice per attack and training variant")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return atomic_write_bytes(buf.getvalue(), path, suffix=".png")
-
-
 def _adversary_text(cfg: RunConfig) -> str:
     adv = cfg.train.adversary if cfg.train is not None else None
     if adv is None or adv.name == "none":
         return "none (clean training)"
-    params = ", ".join(f"{k}={_param_text(k, v)}" for k, v in adv.params.items())
+    params = ", ".join(f"{k}={format_number(v, k)}" for k, v in adv.params.items())
     text = f"{adv.name}({params})"
     if adv.fr_weight > 0:
         text += f" + L_fr (weight {adv.fr_weight:g}" + (", normalised)" if adv.fr_normalized else ")")
@@ -434,29 +309,33 @@ def _eval_seconds(results: Mapping[str, Any]) -> Optional[float]:
     return _num((results.get("timings") or {}).get("evaluate_seconds"))
 
 
-def _param_text(key: str, value: Any) -> str:
-    return format_number(value, key)
-
-
 def _attacks_table(results: Mapping[str, Any]) -> str:
     """Markdown list of the evaluated attack configurations with all their parameters."""
     lines = ["| Label | Attack | Parameters |", "|---|---|---|"]
     for a in results.get("attacks") or []:
-        params = ", ".join(f"{k}={_param_text(k, v)}" for k, v in (a.get("params") or {}).items())
+        params = ", ".join(f"{k}={format_number(v, k)}" for k, v in (a.get("params") or {}).items())
         lines.append(f"| {a['label']} | {a['name']} | {params or 'defaults'} |")
     return "\n".join(lines)
 
 
-def _markdown(plan: StudyPlan, info: Mapping[str, Mapping[str, Any]], rows: Sequence[Mapping[str, Any]],
-              results: Mapping[str, Mapping[str, Any]]) -> str:
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.{digits}f}"
+
+
+def _header_lines(plan: StudyPlan, info: Mapping[str, Mapping[str, Any]],
+                  results: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Title, what was compared, and the variants table of ``comparison.md``."""
+    from volattack.pipeline import evaluation_split
+
     first = next(iter(results.values()))
-    n_cases = first["summary"]["n_cases"]
     models_differ = len({d["model"] for d in info.values()}) > 1
     lines = [
         "# volattack robustness study",
         "",
         f"- study folder: {plan.out_dir}; variants finished: {len(results)}/{len(plan.variants)}",
-        f"- seed {plan.base.seed}; {n_cases} test cases (split '{plan.base.evaluate.split}'); "
+        f"- seed {plan.base.seed}; {first['summary']['n_cases']} test cases (split '{evaluation_split(plan.base)}'); "
         f"threat model `{first['threat_model']}`",
         f"- data: {plan.base.data.datalist or (plan.base.phantoms.out if plan.base.phantoms else '?')}",
         f"- model: {plan.base.model.name} {plan.base.model.kwargs or ''}".rstrip()
@@ -464,20 +343,27 @@ def _markdown(plan: StudyPlan, info: Mapping[str, Mapping[str, Any]], rows: Sequ
     ]
     if first.get("defense"):
         lines.append(f"- defence: {first['defense']}: every Dice is that of the defended model")
-    lines += [
-        "",
-        "## Variants",
-        "",
-        "| Variant | Adversary | Epochs | Best val Dice | Train time s | Eval time s | Report |",
-        "|---|---|---|---|---|---|---|",
-    ]
+    lines += ["", "## Variants", "",
+              "| Variant | Adversary | Epochs | Best val Dice | Train time s | Eval time s | Report |",
+              "|---|---|---|---|---|---|---|"]
     for name, d in info.items():
         adversary = d["adversary"] + (f"; model {d['model']}" if models_differ else "")
         lines.append(
             f"| {name} | {adversary} | {d['epochs']} | {_fmt(d['best_val_dice'])} | "
             f"{_fmt(d['train_seconds'], 0)} | {_fmt(d['evaluate_seconds'], 0)} | [{name}/report.md]({name}/report.md) |"
         )
-    lines += [
+    return lines
+
+
+def _markdown(plan: StudyPlan, info: Mapping[str, Mapping[str, Any]], rows: Sequence[ComparisonRow],
+              results: Mapping[str, Mapping[str, Any]]) -> str:
+    """``comparison.md``: the variants, the Dice pivot, the attacks, the full table with the
+    schema's definitions of its columns, sanity warnings and failed cases."""
+    from volattack.evaluation.columns import definitions
+
+    first = next(iter(results.values()))
+    units = rows[0].units if rows else "HU"
+    lines = _header_lines(plan, info, results) + [
         "",
         "## Dice under attack (mean foreground Dice)",
         "",
@@ -493,30 +379,15 @@ def _markdown(plan: StudyPlan, info: Mapping[str, Mapping[str, Any]], rows: Sequ
         "",
         full_table(rows),
         "",
-        "Dice: mean over foreground classes and test cases (absent-class rules in each variant's report). "
-        "Drop: mean per-case clean minus adversarial Dice of the same variant. L-inf, RMS: size of the "
-        "perturbation (input units x 255, and source units of the intensity window); SSIM: 3D SSIM between clean "
-        "and adversarial input. Each variant is attacked white-box (its own gradients). Train time: sum "
-        "of the epoch times (training steps and validation); eval time: sum of the per-case times (clean "
-        "inference, every attack, sanity checks, figures), as first measured (reruns reuse finished cases).",
+        *definitions(units, table="study"),
+        "",
+        "Each variant is attacked white-box (its own gradients); Drop compares the variant's own clean and "
+        "adversarial Dice. Train time: sum of the epoch times (training steps and validation); eval time: sum of "
+        "the per-case times (clean inference, every attack, sanity checks, figures), as first measured (reruns "
+        "reuse finished cases).",
         "",
     ]
-    sanity = {name: r["sanity"] for name, r in results.items() if r.get("sanity") is not None}
-    if sanity:
-        lines += ["## Sanity checks against gradient masking", ""]
-        for name, checks in sanity.items():
-            warn = [c for c in checks if c["status"] == "warn"]
-            if warn:
-                lines += [f"- ⚠ WARNING {name}: {c['check']}: {c['detail']}" for c in warn]
-            else:
-                lines.append(f"- ✓ {name}: no warnings ({len(checks)} checks, details in {name}/report.md)")
-        lines.append("")
-    if any(r.get("failed") for r in results.values()):
-        lines += ["## Failed cases", ""]
-        for name, r in results.items():
-            lines += [f"- ⚠ {name}: {f['case']}: {f['reason']}" for f in r.get("failed") or []]
-        lines.append("")
-    return "\n".join(lines)
+    return "\n".join(lines + sanity_lines(results) + failed_lines(results))
 
 
 def write_comparison(plan: StudyPlan, results: Mapping[str, Mapping[str, Any]],
@@ -555,7 +426,7 @@ def write_comparison(plan: StudyPlan, results: Mapping[str, Mapping[str, Any]],
     atomic_write_text(files["csv"], comparison_csv(rows))
     atomic_write_text(files["md"], _markdown(plan, info, rows, results))
     comparison_figure(rows, files["png"])
-    summary = {"out_dir": str(out), "variants": info, "rows": rows, "files": files,
+    summary = {"out_dir": str(out), "variants": info, "rows": [r.to_dict() for r in rows], "files": files,
                "finished": list(results), "planned": list(plan.variants)}
     atomic_write_json(out / "study.json", summary)
     return summary
@@ -617,17 +488,7 @@ def run_study(
 
 
 __all__ = [
-    "CSV_COLUMNS",
-    "OVERRIDABLE",
-    "StudyPlan",
-    "comparison_csv",
-    "comparison_figure",
-    "comparison_rows",
-    "deep_merge",
-    "dice_table",
-    "expand_dotted",
-    "full_table",
-    "load_study",
-    "run_study",
-    "write_comparison",
+    "ComparisonRow", "OVERRIDABLE", "StudyPlan", "comparison_columns", "comparison_csv", "comparison_figure",
+    "comparison_rows", "deep_merge", "dice_table", "expand_dotted", "full_table", "load_study",
+    "run_study", "write_comparison",
 ]

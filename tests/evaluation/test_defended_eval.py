@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import volattack
-from volattack.config import ConfigError, to_dict
+from volattack.config import ConfigError
 from volattack.data.config import PreprocessConfig
-from volattack.evaluation.config import DefenseConfig, TransformSpec
+from volattack.defenses.config import DefenseConfig, TransformSpec
 from volattack.models.config import ModelConfig
 from volattack.pipeline import load_run_config, run_evaluate
 
@@ -28,7 +28,7 @@ def _train_tiny_unet(datalist: Path, pre: PreprocessConfig, steps: int = 30) -> 
 
     from volattack.data.datalist import load_datalist
     from volattack.data.transforms import build_transforms
-    from volattack.evaluation.runner import load_case
+    from volattack.evaluation.cases import load_case
 
     tf = build_transforms(pre, mode="eval")
     pairs = [load_case(e, tf)[:2] for e in load_datalist(datalist, key="training")]
@@ -117,9 +117,9 @@ def test_dct_quantization_masks_gradients_unless_bpda(env):
     assert f"- defence: {ident['defense']}" in report and "defended model" in report
     assert "- defence cost: clean Dice" in report and "| clean, no defence |" in report
     # a defence is part of the resume key: a defended run never reuses an undefended case
-    keys = {json.loads(p.read_text())["key"] for r in ("bare", "bpda_none", "bpda_identity")
-            for p in (env[0] / r / "cases").glob("*.json")}
-    assert len(keys) == 3
+    parts = [json.loads(p.read_text())["key_parts"] for r in ("bare", "bpda_none", "bpda_identity")
+             for p in sorted((env[0] / r / "cases").glob("*.json"))]
+    assert len({p["defense"] for p in parts}) == 3 and len({p["weights"] for p in parts}) == 1
 
 
 def test_without_defense_nothing_changes_and_units_are_reported(env):
@@ -132,24 +132,12 @@ def test_without_defense_nothing_changes_and_units_are_reported(env):
     assert s["linf_units"] == pytest.approx(s["linf"] * 425, rel=1e-5)  # keys and values as before
     report = (out / "report.md").read_text()
     assert "| L-inf a.u. | RMS a.u. |" in report and "L-inf HU" not in report and "RMS HU" not in report
-    assert "in input units and in a.u." in report
+    assert "in source units (a.u.)" in report and "## Definitions" in report
     assert "defence" not in report and "adaptive attack" not in report
     rows = list(csv.reader(io.StringIO((out / "results.csv").read_text())))
     assert rows[0][-1] == "intensity_units" and "linf_units" in rows[0]
     assert all(r[-1] == "a.u." for r in rows[1:]) and len(rows) == 3  # clean + one attack
-    # the resume key of an undefended run is computed as before units existed (units are a label)
-    from volattack.evaluation.runner import _config_key
-
-    cfg = load_run_config(str(root / "units_au.yaml"))
-    pre = {k: v for k, v in to_dict(cfg.data.preprocess).items() if k != "units"}
-    ev = {k: v for k, v in to_dict(cfg.evaluate).items()
-          if k in ("threat_model", "patch_size", "patch_overlap", "sw_batch_size", "sw_overlap",
-                   "sanity_checks", "sanity_unbounded_steps")}
-    model_info = res["model"]
-    old_key = _config_key({"attacks": [(a["label"], a["name"], a["params"]) for a in res["attacks"]], "seed": 0,
-                           "preprocess": pre, "model": model_info, "surrogate": {}, "eval": ev})
     cases = sorted((out / "cases").glob("*.json"))
-    assert {json.loads(p.read_text())["key"] for p in cases} == {old_key}
     # renaming the unit reuses every finished case and relabels the report
     stamps = {p: p.stat().st_mtime_ns for p in cases}
     res_hu = run_evaluate(load_run_config(str(root / "units_au.yaml"), ["data.preprocess.units=HU"]), out,

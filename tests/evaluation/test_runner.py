@@ -172,9 +172,13 @@ def test_window_larger_than_the_volume_pads_with_b_min_as_training_does():
 
 
 def test_resume_after_kill_9(tiny_run):
+    """Kill -9 after the first case file appears and before the run completes (the process must die
+    of the signal with cases left to do), then resume: finished cases are reused, the results equal
+    an uninterrupted run's."""
     root, _, _, write_cfg = tiny_run
-    cfg = write_cfg("resume", sanity_checks=False)
-    ref_cfg = write_cfg("reference", sanity_checks=False)
+    slow = [{"name": "pgd", "params": {"steps": 40}, "sweep": {"eps": ["2/255", "4/255"]}}]
+    cfg = write_cfg("resume", sanity_checks=False, attacks=slow)
+    ref_cfg = write_cfg("reference", sanity_checks=False, attacks=slow)
     assert _cli("evaluate", str(ref_cfg), "--quiet").returncode == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "volattack", "evaluate", str(cfg), "--quiet"],
@@ -182,17 +186,38 @@ def test_resume_after_kill_9(tiny_run):
     cases_dir = root / "resume" / "cases"
     deadline = time.time() + 120
     while time.time() < deadline and not (cases_dir.is_dir() and list(cases_dir.glob("*.json"))):
-        time.sleep(0.05)
+        time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     done_before = sorted(p.name for p in cases_dir.glob("*.json"))
-    assert 1 <= len(done_before) < 3 or (root / "resume" / "results.json").exists()
+    # the kill landed before completion: the process died of SIGKILL with cases left and no results
+    assert proc.returncode == -signal.SIGKILL
+    assert 1 <= len(done_before) < 3 and not (root / "resume" / "results.json").exists()
     stamps = {p.name: p.stat().st_mtime_ns for p in cases_dir.glob("*.json")}
     r = _cli("evaluate", str(cfg), "--quiet")
     assert r.returncode == 0, r.stderr
     # finished cases were not recomputed, and the results equal the uninterrupted run's
     assert all((cases_dir / n).stat().st_mtime_ns == t for n, t in stamps.items())
+    assert len(list(cases_dir.glob("*.json"))) == 3
     assert _cases(root / "resume") == _cases(root / "reference")
+
+
+def test_data_test_key_is_the_evaluated_split(tiny_run, tmp_path):
+    """Defect 2: ``data.test_key`` selects the cases (it was ignored: ``evaluate.split`` was "test")."""
+    root, datalist, _, write_cfg = tiny_run
+    dl = json.loads(datalist.read_text())
+    dl["holdout"] = [{k: str(datalist.parent / v) for k, v in dl["test"][2].items()}]
+    other = tmp_path / "dl.json"
+    other.write_text(json.dumps(dl))
+    cfg = write_cfg("holdout", sanity_checks=False)
+    r = _cli("evaluate", str(cfg), "--quiet", "--set", f"data.datalist={other}", "--set", "data.test_key=holdout",
+             "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert [c["image"] for c in res["cases"]] == [dl["holdout"][0]["image"]]
+    r = _cli("evaluate", str(cfg), "--quiet", "--set", f"data.datalist={other}", "--set", "data.test_key=holdout",
+             "--set", "evaluate.split=test", "--out", str(tmp_path / "out2"))
+    assert r.returncode == 2 and "name different splits" in r.stderr
 
 
 def test_torchrun_two_processes_match_one(tiny_run):

@@ -6,10 +6,33 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from volattack.checks import parse_number
-from volattack.registry import suggest
+from volattack.defenses.config import DEFENSE_BPDA, DefenseConfig, TransformSpec  # noqa: F401  (moved)
 
 #: parameters whose values are intensity budgets (printed as ``k/255`` when they are multiples)
 BUDGET_KEYS = ("eps", "alpha", "sigma")
+
+_TARGETS = ("Python-only: a targeted attack needs target label maps, which a YAML config cannot give; "
+            "pass targeted=True and target_labels from Python (volattack.create_attack(..., targeted=True)"
+            ".run(images, labels, target_labels=...))")
+
+#: attack parameters a config cannot set, and why (rejected when the config is loaded)
+RESERVED_ATTACK_PARAMS: dict[str, str] = {
+    "targeted": _TARGETS,
+    "target_labels": _TARGETS,
+    "mask": "Python-only: pass a perturbation mask tensor from Python (Attack.run(images, labels, mask=...))",
+    "inferer": ("Python-only: the evaluation runs every attack through its own sliding-window inference "
+                "(evaluate.sw_batch_size, sw_overlap, threat_model)"),
+    "bounds": "set by the evaluation from the model's intensity model (data.preprocess)",
+    "unit_scale": "set by the evaluation from the model's intensity model (data.preprocess)",
+    "seed": "set by the evaluation from the run's seed (case i uses sample id i)",
+    "sample_ids": "set by the evaluation (case i uses sample id i)",
+}
+
+
+def _check_attack_param(name: str, where: str, value: Any) -> None:
+    """Reject a parameter of :data:`RESERVED_ATTACK_PARAMS` (``targeted: false`` is allowed)."""
+    if name in RESERVED_ATTACK_PARAMS and not (name == "targeted" and value is False):
+        raise ValueError(f"{where}.{name}={value!r} cannot be set in a config: {RESERVED_ATTACK_PARAMS[name]}.")
 
 
 def format_number(v: Any, key: Optional[str] = None) -> str:
@@ -30,7 +53,9 @@ class AttackSpec:
     """One attack and its parameters; ``sweep`` lists values of one or more parameters, each value
     giving one evaluated configuration (e.g. ``sweep: {eps: [2/255, 4/255, 8/255]}``).
 
-    Numbers may be written as fractions (``"8/255"``). Parameters are validated by the attack.
+    Numbers may be written as fractions (``"8/255"``). Parameters are validated by the attack;
+    those of :data:`RESERVED_ATTACK_PARAMS` (target labels, masks, inferers: Python-only; bounds,
+    unit scale, seeds: set by the evaluation) are rejected here, with the reason.
     """
 
     name: str = "pgd"
@@ -38,6 +63,10 @@ class AttackSpec:
     sweep: dict[str, list[Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for k, v in self.params.items():
+            _check_attack_param(k, "params", v)
+        for k, v in self.sweep.items():
+            _check_attack_param(k, "sweep", v)
         self.params = {k: parse_number(v, f"params.{k}") for k, v in self.params.items()}
         lengths = set()
         for k, vals in self.sweep.items():
@@ -66,112 +95,31 @@ class AttackSpec:
         inner = ", ".join(f"{k}={format_number(v, k)}" for k, v in shown.items())
         return f"{self.name}({inner})"
 
-#: Input-transform defences accepted by ``evaluate.defense.transforms[].name`` (see
-#: :mod:`volattack.defenses.input_transforms`): ``gaussian`` -> ``GaussianSmoothing``,
-#: ``median`` -> ``MedianFilter``, ``dct_lowpass`` -> ``DCTLowPass``, ``dct_quant`` ->
-#: ``DCTQuantization``, ``noise`` -> ``RandomNoise``.
-DEFENSE_TRANSFORMS: tuple[str, ...] = ("gaussian", "median", "dct_lowpass", "dct_quant", "noise")
-
-#: Backward passes of the adaptive attack through non-differentiable transforms (the BPDA modes
-#: of ``volattack.defenses.input_transforms``, repeated here to keep this module free of torch).
-DEFENSE_BPDA: tuple[str, ...] = ("none", "identity", "smooth")
-
-#: Keys of a transform's ``params`` that are set elsewhere (``bpda`` by ``defense.bpda``).
-_RESERVED_TRANSFORM_PARAMS = ("bpda", "generator")
-
-
-@dataclass
-class TransformSpec:
-    """One input transform of a defence: ``{name: dct_quant, params: {q: 10, block_size: 8}}``.
-
-    Attributes:
-        name: one of :data:`DEFENSE_TRANSFORMS`.
-        params: keyword arguments of the transform's constructor (numbers may be fractions such
-            as ``"2/255"``); they are validated by the constructor when the pipeline starts
-            (before any data work). ``gaussian``: ``sigma`` (voxels), ``truncated``; ``median``:
-            ``kernel_size`` (odd, voxels); ``dct_lowpass``: ``block_size``, ``keep``;
-            ``dct_quant``: ``block_size``, ``q``, ``growth``, ``intensity_scale``,
-            ``soft_round_a``; ``noise``: ``sigma`` (input units), ``seed``.
-
-    Raises:
-        ValueError: unknown ``name`` (with a suggestion), ``params`` not a mapping, or a
-            ``bpda``/``generator`` entry in ``params``.
-    """
-
-    name: str = "gaussian"
-    params: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.name, str) or self.name not in DEFENSE_TRANSFORMS:
-            raise ValueError(
-                f"name must be one of {', '.join(DEFENSE_TRANSFORMS)}, got {self.name!r}."
-                f"{suggest(str(self.name), DEFENSE_TRANSFORMS)}"
-            )
-        if not isinstance(self.params, dict):
-            raise ValueError(f"params of transform {self.name!r} must be a mapping, got {self.params!r}.")
-        for k in _RESERVED_TRANSFORM_PARAMS:
-            if k in self.params:
-                hint = " set evaluate.defense.bpda instead" if k == "bpda" else " it is not configurable"
-                raise ValueError(
-                    f"params.{k} of transform {self.name!r} is not allowed ({k}={self.params[k]!r}):{hint}."
-                )
-        self.params = {k: parse_number(v, f"params.{k}") for k, v in self.params.items()}
-
-    def label(self) -> str:
-        """Short label, e.g. ``dct_quant(q=10, block_size=8)``."""
-        if not self.params:
-            return self.name
-        return f"{self.name}({', '.join(f'{k}={format_number(v, k)}' for k, v in self.params.items())})"
-
-
-@dataclass
-class DefenseConfig:
-    """The ``evaluate.defense`` section: input transforms in front of the model, and the adaptive attack.
-
-    The evaluated model becomes ``model(t_n(... t_1(x)))`` (``DefendedModel``): its clean Dice
-    is the report's clean row, and every attack is scored on it. The attacks differentiate the
-    adaptive model of ``adaptive_wrapper`` (Athalye, Carlini & Wagner, "Obfuscated Gradients
-    Give a False Sense of Security", ICML 2018): BPDA through the non-differentiable transforms
-    (``median``, ``dct_quant``) and EOT over the randomised ones (``noise``).
-
-    Attributes:
-        transforms: the transforms, applied first to last (at least one).
-        bpda: backward pass through the non-differentiable transforms: ``"identity"``
-            (straight-through, the default), ``"smooth"`` (gradient of a smooth approximation)
-            or ``"none"`` (plain autograd: a non-adaptive attack that the defence may mask,
-            shown by the zero-gradient sanity check).
-        eot_samples: draws averaged per forward pass when a transform is randomised (>= 1);
-            ignored (with a warning) otherwise.
-
-    Raises:
-        ValueError: empty ``transforms``, unknown ``bpda`` (with a suggestion) or
-            ``eot_samples`` not an integer >= 1.
-    """
-
-    transforms: list[TransformSpec] = field(default_factory=list)
-    bpda: str = "identity"
-    eot_samples: int = 1
-
-    def __post_init__(self) -> None:
-        self.transforms = [TransformSpec(**t) if isinstance(t, dict) else t for t in self.transforms]
-        if not self.transforms:
-            raise ValueError(
-                "transforms must list at least one transform (or remove the defense section), got []."
-            )
-        for i, t in enumerate(self.transforms):
-            if not isinstance(t, TransformSpec):
-                raise ValueError(f"transforms[{i}] must be a TransformSpec or a mapping, got {t!r}.")
-        if not isinstance(self.bpda, str) or self.bpda not in DEFENSE_BPDA:
-            raise ValueError(
-                f"bpda must be one of {', '.join(DEFENSE_BPDA)}, got {self.bpda!r}."
-                f"{suggest(str(self.bpda), DEFENSE_BPDA)}"
-            )
-        n = self.eot_samples
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ValueError(f"eot_samples must be an integer >= 1, got {n!r}.")
-
-
 THREAT_MODELS = ("volume", "patch")
+
+#: the default of ``data.test_key`` (``volattack.data.config.DataConfig``)
+DEFAULT_TEST_KEY = "test"
+
+
+def evaluation_split(split: Optional[str], test_key: str) -> str:
+    """The datalist key an evaluation reads: ``evaluate.split`` when given, else ``data.test_key``.
+
+    Args:
+        split: ``evaluate.split`` (``None``: not given).
+        test_key: ``data.test_key``.
+
+    Raises:
+        ValueError: both are given with different values (``data.test_key`` other than its default
+            ``"test"`` and ``evaluate.split`` another key): the config names two test splits.
+    """
+    if split is None:
+        return test_key
+    if test_key != DEFAULT_TEST_KEY and split != test_key:
+        raise ValueError(
+            f"evaluate.split={split!r} and data.test_key={test_key!r} name different splits; set one of them "
+            "(evaluate.split defaults to data.test_key)."
+        )
+    return split
 
 
 @dataclass
@@ -183,6 +131,9 @@ class EvalConfig:
             ``volattack.models.external``).
         surrogate_checkpoint: if set, attacks are crafted on this model and evaluated on the
             target (transfer); ``None`` attacks the target itself (white box).
+        split: the datalist key of the evaluated cases; ``None`` (default): ``data.test_key``.
+            Setting both to different values is an error (:func:`evaluation_split`), unless
+            ``data.test_key`` keeps its default.
         threat_model: ``"volume"``: the attack runs end to end through the same sliding-window
             inference that scores it (exact gradient); ``"patch"``: the published protocol, the
             volume is cut into tiles of ``patch_size`` (overlap ``patch_overlap``), each tile is
@@ -199,7 +150,7 @@ class EvalConfig:
 
     checkpoint: Optional[str] = None
     surrogate_checkpoint: Optional[str] = None
-    split: str = "test"
+    split: Optional[str] = None
     max_cases: Optional[int] = None
     attacks: list[AttackSpec] = field(default_factory=list)
     fooling_threshold: float = 0.5

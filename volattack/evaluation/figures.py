@@ -1,6 +1,7 @@
 """PNG figures of evaluation results (matplotlib, Agg backend).
 
-- :func:`dice_vs_budget`: adversarial Dice against the swept budget, one line per attack.
+- :func:`dice_vs_budget`: adversarial Dice against the swept budget, one line per attack
+  (:func:`budget_series`: L-inf eps in 1/255 steps on a unit-width input range, others as configured).
 - :func:`triplanar_panel`: for one case, the central axial/coronal/sagittal slices of the
   image, the adversarial image, the perturbation (amplified, in source units: ``units``, e.g.
   HU for CT, a.u. for MRI), its 3D spectrum
@@ -10,6 +11,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -29,48 +31,77 @@ def _plt():
 
 def _save(fig, path: Path) -> None:
     """Atomic PNG write."""
-    import os
-    import tempfile
+    import io
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    from volattack.utils import atomic_write_bytes
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    atomic_write_bytes(buf.getvalue(), path, suffix=".png")
 
 
-def dice_vs_budget(results: dict[str, Any], specs: Sequence[AttackSpec], path: str | Path) -> Optional[str]:
-    """Adversarial foreground Dice versus the swept parameter, one line per attack (clean Dice dashed).
+@dataclass
+class BudgetSeries:
+    """One line of :func:`dice_vs_budget`: adversarial Dice against a swept parameter.
 
-    Returns the path relative to the run directory, or ``None`` when no attack has a numeric sweep.
+    Attributes:
+        label: legend text (attack, parameter and the unit of the x values).
+        xs: the swept values as plotted (L-inf eps of a unit-width input range in 1/255 steps).
+        ys: mean adversarial foreground Dice at each value.
+        scale: factor applied to the configured values (255 or 1).
     """
-    plt = _plt()
-    path = Path(path)
-    summ = results["summary"]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    drawn = 0
+
+    label: str
+    xs: list[float]
+    ys: list[float]
+    scale: float
+
+
+def budget_series(results: dict[str, Any], specs: Sequence[AttackSpec]) -> list[BudgetSeries]:
+    """The lines of :func:`dice_vs_budget`, one per attack with a single numeric sweep.
+
+    An ``eps`` sweep is shown in 1/255 steps only when ``eps`` is an L-inf radius
+    (``results["attacks"][i]["linf_budget"]``) and the input range has width 1 (``bounds``);
+    any other parameter (an L2 radius, a quantisation step) is shown as configured.
+    """
+    summ = results["summary"]["attacks"]
+    linf = {a["label"]: bool(a.get("linf_budget")) for a in results.get("attacks") or []}
+    lo, hi = results.get("bounds") or (0.0, 1.0)
+    unit_range = abs((float(hi) - float(lo)) - 1.0) < 1e-9
+    out = []
     for spec in specs:
         if len(spec.sweep) != 1:
             continue
         (param, values), = spec.sweep.items()
-        pts = [(v, summ["attacks"][lbl]["adv_dice"]) for v, (lbl, _) in zip(values, spec.expand())
-               if lbl in summ["attacks"] and isinstance(v, (int, float))]
+        labels = [lbl for lbl, _ in spec.expand()]
+        pts = sorted((float(v), summ[lbl]["adv_dice"]) for v, lbl in zip(values, labels)
+                     if lbl in summ and isinstance(v, (int, float)))
         if not pts:
             continue
-        pts.sort()
-        scale = 255 if param == "eps" and max(v for v, _ in pts) <= 1 else 1
-        ax.plot([v * scale for v, _ in pts], [d for _, d in pts], marker="o", label=f"{spec.name} ({param})")
-        drawn += 1
-    if not drawn:
-        plt.close(fig)
+        in_255 = param == "eps" and unit_range and all(linf.get(lbl, False) for lbl in labels if lbl in summ)
+        scale = 255.0 if in_255 else 1.0
+        unit = "L-inf, /255" if in_255 else "as configured"
+        out.append(BudgetSeries(f"{spec.name} ({param}, {unit})", [v * scale for v, _ in pts],
+                                [d for _, d in pts], scale))
+    return out
+
+
+def dice_vs_budget(results: dict[str, Any], specs: Sequence[AttackSpec], path: str | Path) -> Optional[str]:
+    """Adversarial foreground Dice versus the swept parameter, one line per attack (clean Dice dashed),
+    the lines of :func:`budget_series`.
+
+    Returns the path relative to the run directory, or ``None`` when no attack has a numeric sweep.
+    """
+    series = budget_series(results, specs)
+    if not series:
         return None
-    ax.axhline(summ["clean"]["dice"], ls="--", c="gray", label="clean")
-    ax.set_xlabel("budget (eps in /255 units; other parameters as given)")
+    plt = _plt()
+    path = Path(path)
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for s in series:
+        ax.plot(s.xs, s.ys, marker="o", label=s.label)
+    ax.axhline(results["summary"]["clean"]["dice"], ls="--", c="gray", label="clean")
+    ax.set_xlabel("budget (unit in the legend)")
     ax.set_ylabel("foreground Dice")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
@@ -109,7 +140,7 @@ def triplanar_panel(
         label: ground-truth class map.
         path: PNG file to write (atomically).
         title: figure title.
-        unit_scale: source units per input unit (``hu_per_unit`` of the preprocessing); the
+        unit_scale: source units per input unit (the intensity model's ``unit_scale``); the
             perturbation column is shown in source units.
         units: name of the source unit for the perturbation column (``data.preprocess.units``).
 

@@ -62,10 +62,12 @@ def attack_patchwise(
         patch_size: tile size (3 ints); the published protocol uses 96^3 non-overlapping tiles.
         overlap: fraction of overlap between neighbouring tiles, in [0, 1).
         tile_batch: tiles attacked per call (memory); results do not depend on it.
-        seed: seed of the attack call (the same for every tile).
+        seed: seed of the attack calls; tile ``t`` is attacked with ``sample_ids=[t]`` (its draws
+            come from ``seed_from(seed, t)``), so the result does not depend on ``tile_batch``.
 
     Returns:
-        adversarial images ``(1, C, H, W, D)`` and ``{"tiles": T, "seconds": ..., "steps_run": ...}``.
+        adversarial images ``(1, C, H, W, D)`` and ``{"tiles": T, "seconds": ..., "steps_run": ...}``
+        (the stitched perturbation's sizes are measured by the caller, once).
     """
     if images.ndim != 5 or images.shape[0] != 1:
         raise ValueError(f"images must have shape (1, C, H, W, D), got {tuple(images.shape)}.")
@@ -88,7 +90,8 @@ def attack_patchwise(
     xt, yt = _tiles(x, patch, stride), _tiles(y, patch, stride)
     adv_tiles, seconds, steps = [], 0.0, 0
     for start in range(0, xt.shape[0], tile_batch):
-        res = attack.run(xt[start:start + tile_batch], yt[start:start + tile_batch], seed=seed)
+        ids = list(range(start, min(start + tile_batch, xt.shape[0])))
+        res = attack.run(xt[start:start + tile_batch], yt[start:start + tile_batch], seed=seed, sample_ids=ids)
         adv_tiles.append(res.adv)
         seconds += float(res.info["seconds"])
         steps = max(steps, int(res.info.get("steps_run") or 0))

@@ -1,7 +1,10 @@
 """Human-readable reports of evaluation results: Markdown table and CSV.
 
-``report.md`` holds the robustness table (one row per attack configuration), per-class
-Dice, and the definitions of every figure, so the report can be read on its own.
+``report.md`` holds the robustness table (one row per attack configuration; the ``report``
+columns of the results schema, :mod:`volattack.evaluation.columns`), per-class Dice, and the
+definition of every column, so the report can be read on its own; ``results.csv`` holds every
+scalar column as raw numbers. Sizes in model-input units print as ``k/255`` only when the input
+range (``results["bounds"]``) has width 1.
 Perturbation sizes in source units are labelled with ``results["intensity_units"]`` (the
 config's ``data.preprocess.units``: ``"HU"`` for CT, e.g. ``"a.u."`` for MRI; ``"HU"`` when
 absent, as in results written before the key existed). With an input-transform defence
@@ -16,63 +19,10 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+from volattack.evaluation import columns as schema
+from volattack.evaluation.columns import DEFAULT_UNITS, FormatContext
+from volattack.evaluation.records import Row, Summary
 from volattack.utils import atomic_write_text
-
-#: (results key, Markdown header) of the robustness table; ``{units}`` is filled by :func:`columns`.
-COLUMNS = [
-    ("attack", "Attack"),
-    ("clean_dice", "Clean Dice"),
-    ("adv_dice", "Adv Dice"),
-    ("dice_drop", "Drop"),
-    ("dice_drop_rel", "Rel drop"),
-    ("fooling_rate", "Fooling rate"),
-    ("flip_rate", "Flip rate"),
-    ("hd95_mm", "HD95 mm"),
-    ("linf", "L-inf"),
-    ("linf_units", "L-inf {units}"),
-    ("rms_units", "RMS {units}"),
-    ("psnr", "PSNR dB"),
-    ("ssim", "SSIM"),
-    ("seconds", "Time s"),
-]
-
-#: Unit label used when results carry no ``intensity_units`` (results written before it existed: CT).
-DEFAULT_UNITS = "HU"
-
-DEFINITIONS = """\
-Definitions (per case, then averaged over cases; NaN values are skipped in means):
-- Dice: mean over foreground classes of 2|P∩G|/(|P|+|G|); a class absent from the ground truth
-  counts as NaN (skipped) when also absent from the prediction, and 0 when predicted.
-- Drop: clean Dice − adversarial Dice; Rel drop: Drop / clean Dice.
-- Fooling rate (threshold t): fraction of cases whose Dice falls by at least t relative to clean,
-  (clean − adv)/clean ≥ t; cases with clean Dice 0 or NaN are excluded.
-- Flip rate: fraction of voxels in the union of clean-predicted and true foreground whose predicted
-  class changes under attack.
-- HD95 mm: 95th-percentile symmetric Hausdorff distance in millimetres (voxel spacing after
-  preprocessing); a class missing from exactly one of prediction/ground truth scores the image diagonal.
-- L-inf, RMS: size of the perturbation in input units and in {units} (source units: the intensity window's
-  {units} per input unit);
-  PSNR = 10 log10(range²/MSE); SSIM: 3D SSIM (gaussian window 7, σ 1.5) between clean and adversarial input.
-- Time: seconds per case of the attack itself.
-"""
-
-
-def _fmt(v: Any, key: str) -> str:
-    if v is None:
-        return "–"
-    if isinstance(v, str):
-        return v
-    if isinstance(v, float) and math.isnan(v):
-        return "–"
-    if isinstance(v, float) and math.isinf(v):
-        return "∞"
-    if key in ("linf", "rms"):
-        return f"{v * 255:.2f}/255"
-    if key in ("linf_units", "rms_units", "hd95_mm", "psnr"):
-        return f"{v:.1f}"
-    if key == "seconds":
-        return f"{v:.2f}"
-    return f"{v:.3f}"
 
 
 def units_of(results: dict[str, Any]) -> str:
@@ -81,66 +31,54 @@ def units_of(results: dict[str, Any]) -> str:
     return u if isinstance(u, str) and u else DEFAULT_UNITS
 
 
-def columns(units: str = DEFAULT_UNITS) -> list[tuple[str, str]]:
-    """:data:`COLUMNS` with the source unit in the headers, e.g. ``("linf_units", "L-inf a.u.")``."""
-    return [(k, h.format(units=units)) for k, h in COLUMNS]
+def format_context(results: dict[str, Any]) -> FormatContext:
+    """How the values of ``results`` print: its unit label and model-input range (``bounds``;
+    ``[0, 1]`` for results written before it was recorded)."""
+    b = results.get("bounds")
+    return FormatContext(units=units_of(results), bounds=(float(b[0]), float(b[1])) if b else None)
 
 
-def table_rows(results: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per attack configuration plus the clean row, keys as in :data:`COLUMNS`.
-
-    With a defence, the clean row is the defended model's, preceded by a ``clean, no defence``
-    row (the bare model's clean Dice) so the table shows what the defence costs.
-    """
-    summ = results["summary"]
-    rows: list[dict[str, Any]] = []
-    bare = summ.get("clean_undefended")
-    if results.get("defense") and bare:
-        rows.append({"attack": "clean, no defence", "clean_dice": bare.get("dice"), "adv_dice": bare.get("dice"),
-                     "hd95_mm": bare.get("hd95_mm")})
-    rows.append({"attack": "clean", "clean_dice": summ["clean"]["dice"], "adv_dice": summ["clean"]["dice"],
-                 "hd95_mm": summ["clean"]["hd95_mm"]})
-    for label, s in summ["attacks"].items():
-        rows.append({"attack": label, **s})
-    return rows
+def table_rows(results: dict[str, Any]) -> list[Row]:
+    """The rows of the robustness table: the clean row (with a defence preceded by the bare
+    model's ``clean, no defence`` row, so the table shows what the defence costs), then one row
+    per attack configuration."""
+    return Summary.from_dict(results["summary"]).rows()
 
 
 def markdown_table(results: dict[str, Any]) -> str:
-    """The robustness table as Markdown (source-unit columns headed with :func:`units_of`)."""
+    """The robustness table as Markdown: the schema's ``report`` columns."""
     rows = table_rows(results)
-    cols = columns(units_of(results))
-    head = "| " + " | ".join(h for _, h in cols) + " |"
-    sep = "|" + "|".join("---" for _ in cols) + "|"
-    body = ["| " + " | ".join(_fmt(r.get(k), k) for k, _ in cols) + " |" for r in rows]
-    return "\n".join([head, sep, *body])
+    return schema.markdown_table([[r.label] for r in rows], [r.values for r in rows], "report",
+                                 format_context(results))
 
 
 def per_class_table(results: dict[str, Any]) -> str:
     """Mean Dice per foreground class, clean and per attack, as Markdown."""
-    summ = results["summary"]
-    k = len(summ["clean"]["dice_per_class"])
+    summ = Summary.from_dict(results["summary"])
+    col = schema.get_column("dice_per_class")
+    k = len(summ.clean.get("dice_per_class") or [])
     names = results.get("class_names") or {}
     heads = [names.get(str(c), f"class {c}") for c in range(1, k + 1)]
     lines = ["| Attack | " + " | ".join(heads) + " |", "|" + "---|" * (k + 1)]
-    lines.append("| clean | " + " | ".join(_fmt(v, "dice") for v in summ["clean"]["dice_per_class"]) + " |")
-    for label, s in summ["attacks"].items():
-        lines.append(f"| {label} | " + " | ".join(_fmt(v, "dice") for v in s["dice_per_class"]) + " |")
+    for r in [summ.clean, *summ.attacks.values()]:
+        lines.append(f"| {r.label} | " + " | ".join(col.format(v) for v in r.get("dice_per_class") or []) + " |")
     return "\n".join(lines)
 
 
 def csv_text(results: dict[str, Any]) -> str:
     """The robustness table as CSV (raw numbers).
 
-    Header: the results keys of :data:`COLUMNS` (stable for scripts; ``linf``/``rms`` in input
-    units, ``linf_units``/``rms_units`` in source units), then ``intensity_units``, whose value
-    on every row names those source units (e.g. ``HU``, ``a.u.``).
+    Header: ``attack``, the key of every scalar column of the schema (stable for scripts;
+    ``linf``/``rms`` in input units, ``linf_units``/``rms_units`` in source units), then
+    ``intensity_units``, whose value on every row names those source units (e.g. ``HU``, ``a.u.``).
     """
     buf = io.StringIO()
     w = csv.writer(buf)
     units = units_of(results)
-    w.writerow([k for k, _ in COLUMNS] + ["intensity_units"])
+    cols = schema.scalar_columns()
+    w.writerow(["attack", *(c.key for c in cols), "intensity_units"])
     for r in table_rows(results):
-        w.writerow(["" if r.get(k) is None else r.get(k) for k, _ in COLUMNS] + [units])
+        w.writerow([r.label, *("" if r.get(c.key) is None else r.get(c.key) for c in cols), units])
     return buf.getvalue()
 
 
@@ -156,8 +94,9 @@ def defense_lines(results: dict[str, Any]) -> list[str]:
         if bare and isinstance(bare.get("dice"), (int, float)) and isinstance(clean, (int, float)):
             diff = clean - bare["dice"]
             change = "–" if math.isnan(diff) else f"{diff:+.3f}"
-            lines.append(f"- defence cost: clean Dice {_fmt(bare['dice'], 'dice')} without the defence, "
-                         f"{_fmt(clean, 'dice')} with it ({change})")
+            dice = schema.get_column("clean_dice")
+            lines.append(f"- defence cost: clean Dice {dice.format(bare['dice'])} without the defence, "
+                         f"{dice.format(clean)} with it ({change})")
     if results.get("adaptive"):
         text = str(results["adaptive"])
         if text.lower().startswith("adaptive attack:"):  # AdaptiveModel.describe() names itself
@@ -181,7 +120,8 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
         "# volattack robustness report",
         "",
         f"- model: {model.get('name', '?')} ({model.get('checkpoint', 'in memory')})",
-        f"- cases: {results['summary']['n_cases']}; seed {results['seed']} (case i uses seed + i)",
+        f"- cases: {results['summary']['n_cases']}; seed {results['seed']} (the random draws of case i come "
+        "from the seed and i)",
         f"- threat model: {threat}",
     ]
     if results.get("transfer"):
@@ -219,6 +159,6 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
     figs = [f for f in figs if f]
     if figs:
         lines += ["## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figs] + [""]
-    lines.append(DEFINITIONS.format(units=units_of(results)))
+    lines += ["## Definitions", "", schema.metrics_markdown(units_of(results))]
     atomic_write_text(out / "results.csv", csv_text(results))
     return atomic_write_text(out / "report.md", "\n".join(lines))

@@ -189,6 +189,26 @@ def _check_spacing(spacing: Sequence[float] | None, spatial_dims: int) -> list[f
     return values
 
 
+def _hd95_of_pairs(p: torch.Tensor, g: torch.Tensor, bi: torch.Tensor, ci: torch.Tensor,
+                   sp: list[float] | None) -> torch.Tensor:
+    """MONAI's HD95 of the (sample ``bi``, class ``ci + 1``) pairs, one batched call.
+
+    Shape:
+        p, g ``(B, *spatial)``; bi, ci ``(N,)`` -> ``(N,)``.
+    """
+    cls = (ci + 1).view(-1, *([1] * (p.ndim - 1)))
+    mask_p = (p[bi] == cls).unsqueeze(1)
+    mask_g = (g[bi] == cls).unsqueeze(1)
+    with warnings.catch_warnings():
+        # MONAI >= 1.5 warns about its own internal use of a deprecated argument on every call.
+        warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        dist = compute_hausdorff_distance(
+            mask_p, mask_g, include_background=True, percentile=95,
+            spacing=None if sp is None else [list(sp) for _ in range(int(bi.numel()))],
+        )
+    return dist[:, 0]
+
+
 def hd95(
     pred: torch.Tensor,
     label: torch.Tensor,
@@ -255,18 +275,5 @@ def hd95(
     for start in range(0, n_pairs, _HD_PAIRS_PER_CALL):
         bi = b_idx[start : start + _HD_PAIRS_PER_CALL]
         ci = c_idx[start : start + _HD_PAIRS_PER_CALL]
-        cls = (ci + 1).view(-1, *([1] * len(spatial)))
-        mask_p = (p[bi] == cls).unsqueeze(1)
-        mask_g = (g[bi] == cls).unsqueeze(1)
-        with warnings.catch_warnings():
-            # MONAI >= 1.5 warns about its own internal use of a deprecated argument on every call.
-            warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
-            dist = compute_hausdorff_distance(
-                mask_p,
-                mask_g,
-                include_background=True,
-                percentile=95,
-                spacing=None if sp is None else [list(sp) for _ in range(int(bi.numel()))],
-            )
-        out[bi, ci] = dist[:, 0].to(device=out.device, dtype=out.dtype)
+        out[bi, ci] = _hd95_of_pairs(p, g, bi, ci, sp).to(device=out.device, dtype=out.dtype)
     return out
