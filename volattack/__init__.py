@@ -9,6 +9,7 @@ torch or MONAI::
     model = volattack.create_model("unet", in_channels=1, out_channels=5)
     atk = volattack.create_attack("pgd", model, eps=4/255, alpha=1/255, steps=20, seed=0)
     adv = atk(images, labels)
+    loaded = volattack.load_model("best.pt")  # checkpoint, TorchScript or MONAI bundle -> LoadedModel
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ _LAZY = {
     "list_models": "volattack.models.zoo",
     "load_checkpoint": "volattack.models.checkpoint",
     "save_checkpoint": "volattack.models.checkpoint",
+    "load_model": "volattack.models.sources",
+    "LoadedModel": "volattack.models.sources",
     "evaluate": "volattack.evaluation.runner",
     "make_phantom_dataset": "volattack.data.phantoms",
     "generate_phantom": "volattack.data.phantoms",
