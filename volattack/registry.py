@@ -60,3 +60,50 @@ class Registry(Generic[T]):
 
     def __contains__(self, name: object) -> bool:
         return name in self._items
+
+
+def import_submodules(package: str, path: Iterable[str]) -> list[str]:
+    """Import every module of a package (in name order) and return their names.
+
+    The registries' packages (attacks, defences, model sources) call this from their
+    ``__init__`` so that a new extension is one new file whose decorator registers it on import.
+
+    Args:
+        package: the package's dotted name (``__name__`` of its ``__init__``).
+        path: the package's ``__path__``.
+    """
+    import importlib
+    import pkgutil
+
+    names = sorted(m.name for m in pkgutil.iter_modules(list(path)))
+    for name in names:
+        importlib.import_module(f"{package}.{name}")
+    return names
+
+
+def lazy_exports(module: str, table: dict[str, str]) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """``__getattr__`` and ``__dir__`` for a package that exports names lazily (PEP 562), so that
+    importing it stays light (``volattack --help`` never imports torch).
+
+    Args:
+        module: the package's dotted name (``__name__``).
+        table: exported name -> dotted name of the module that defines it.
+
+    Returns:
+        ``(__getattr__, __dir__)``; the first access to a name imports its module and caches the
+        value in the package's namespace.
+    """
+    import importlib
+    import sys
+
+    def getattr_(name: str) -> Any:
+        if name in table:
+            value = getattr(importlib.import_module(table[name]), name)
+            setattr(sys.modules[module], name, value)
+            return value
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+
+    def dir_() -> list[str]:
+        return sorted(set(vars(sys.modules[module])) | set(table))
+
+    return getattr_, dir_

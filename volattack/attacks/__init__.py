@@ -6,8 +6,7 @@ so a new attack is one new file with one ``@register_attack(name)`` class (and t
 test covers it; README, "Contributing").
 """
 
-import importlib
-import pkgutil
+from volattack.registry import import_submodules
 
 from volattack.attacks.base import (
     ATTACKS,
@@ -21,8 +20,7 @@ from volattack.attacks.base import (
 from volattack.attacks.objectives import list_objectives, register_objective
 from volattack.attacks.streams import RandomStreams
 
-for _module in pkgutil.iter_modules(__path__):  # every attack file registers itself on import
-    importlib.import_module(f"{__name__}.{_module.name}")
+import_submodules(__name__, __path__)  # every file registers its extensions on import
 
 __all__ = [
     "ATTACKS",

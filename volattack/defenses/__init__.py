@@ -7,8 +7,7 @@ Names are loaded lazily on first access, so importing this package stays light.
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from volattack.registry import lazy_exports
 
 _LAZY = {
     "frequency_consistency_loss": "volattack.defenses.vaft",
@@ -36,13 +35,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'volattack.defenses' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

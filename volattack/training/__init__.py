@@ -16,8 +16,7 @@ Names are loaded lazily on first access, so ``import volattack.training.config``
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from volattack.registry import lazy_exports
 
 _LAZY = {
     "TrainConfig": "volattack.training.config",
@@ -39,13 +38,4 @@ _LAZY = {
 __all__ = sorted(_LAZY)
 
 
-def __getattr__(name: str) -> Any:
-    if name in _LAZY:
-        value = getattr(importlib.import_module(_LAZY[name]), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module 'volattack.training' has no attribute {name!r}")
-
-
-def __dir__() -> list[str]:
-    return sorted(list(globals()) + list(_LAZY))
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY)

@@ -10,16 +10,14 @@ Every module of this package is imported here, so a new defence is one new file 
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+from volattack.registry import import_submodules
 
 from volattack.defenses.transforms.base import BPDA_MODES, BPDAMixin, InputTransform, check_bpda, check_images
 from volattack.defenses.transforms.dct import DCTLowPass, DCTQuantization
 from volattack.defenses.transforms.noise import RandomNoise
 from volattack.defenses.transforms.smoothing import GaussianSmoothing, MedianFilter
 
-for _module in pkgutil.iter_modules(__path__):  # every defence file registers itself on import
-    importlib.import_module(f"{__name__}.{_module.name}")
+import_submodules(__name__, __path__)  # every file registers its extensions on import
 
 __all__ = [
     "BPDAMixin",

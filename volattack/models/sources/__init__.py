@@ -15,8 +15,7 @@ a source defined elsewhere registers when its module is imported.
 
 from __future__ import annotations
 
-import importlib
-import pkgutil
+from volattack.registry import import_submodules
 
 from volattack.models.sources.base import (
     InferenceSpec,
@@ -28,8 +27,7 @@ from volattack.models.sources.base import (
     register_source,
 )
 
-for _module in pkgutil.iter_modules(__path__):  # every source file registers itself on import
-    importlib.import_module(f"{__name__}.{_module.name}")
+import_submodules(__name__, __path__)  # every file registers its extensions on import
 
 __all__ = [
     "InferenceSpec",
