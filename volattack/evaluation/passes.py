@@ -82,11 +82,21 @@ class CasePasses:
         if len(set(labels)) != len(labels):
             raise ValueError(f"evaluate.attacks has duplicate entries: {labels}.")
         self.attacks = {lbl: self._create(name, crafting, **kw) for lbl, name, kw in self.runs}
+        from volattack.evaluation.rows import enabled_row_passes
+
+        self.row_passes = enabled_row_passes(self)
+        extra = [lbl for rp in self.row_passes for lbl in rp.labels()]
+        if len(set(labels + extra)) != len(labels) + len(extra):
+            raise ValueError(f"evaluate: row labels must be unique, got {labels + extra}.")
         self.unbounded = None
         if eval_cfg.sanity_checks and eval_cfg.sanity_unbounded_steps > 0:
             width = self.bounds[1] - self.bounds[0]
             self.unbounded = self._create("pgd", crafting, eps=width, alpha=width / 8,
                                           steps=eval_cfg.sanity_unbounded_steps, measure_ssim=False)
+
+    def row_labels(self) -> list[str]:
+        """Labels of every row of a case beside the clean one: the attacks, then the row passes'."""
+        return [r[0] for r in self.runs] + [lbl for rp in self.row_passes for lbl in rp.labels()]
 
     def _create(self, name: str, model: nn.Module, **kw: Any) -> Any:
         from volattack.attacks import create_attack
@@ -248,6 +258,9 @@ class CasePasses:
                 record.outputs.append(self._write("adversarial", cid, lbl, adv, data.affine))
             if self.cfg.save_pred:
                 record.outputs.append(self._write("predictions", cid, lbl, adv_pred, data.affine))
+        for rp in self.row_passes:
+            self.reseed(case_seed)
+            record.attacks.update(rp.rows(data, index, case_seed, clean))
         record.sanity = self.sanity(data, index, case_seed)
         if shown is not None:
             record.figure = self.panel(record, data, clean_pred, shown)

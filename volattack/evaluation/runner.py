@@ -114,7 +114,7 @@ def _results(passes: CasePasses, records: list[CaseRecord], failed: list[FailedC
              surrogate_info: Optional[dict[str, Any]], transfer: bool, world: int, seconds: float) -> dict[str, Any]:
     """The ``results.json`` document (plain JSON; records via their ``to_dict``)."""
     cfg = passes.cfg
-    labels = [r[0] for r in passes.runs]
+    labels = passes.row_labels()
     results: dict[str, Any] = {
         "schema_version": schema.SCHEMA_VERSION,
         "volattack": _version(),
@@ -129,6 +129,7 @@ def _results(passes: CasePasses, records: list[CaseRecord], failed: list[FailedC
         "attacks": [{"label": lbl, "name": n, "params": kw,
                      "linf_budget": bool(getattr(passes.attacks[lbl], "linf_budget", False))}
                     for lbl, n, kw in passes.runs],
+        "row_passes": [rp.describe() for rp in passes.row_passes],
         "fooling_threshold": cfg.fooling_threshold,
         "world_size": world,
         "cases": [r.to_dict() for r in records],
