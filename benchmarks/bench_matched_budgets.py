@@ -45,8 +45,9 @@ def main() -> None:
         "segpgd": dict(eps=eps, steps=s),
         "cospgd": dict(eps=eps, steps=s),
         "fft": dict(eps=eps, steps=s),
-        "vafa (paper)": ("vafa", dict(q_max=20, block_size=8, steps=s)),
-        "vafa (code: q_init qmax, q_min 5)": ("vafa", dict(q_max=20, block_size=8, steps=s, q_init="qmax", q_min=5)),
+        "vafa (paper)": ("vafa", dict(protocol="paper", q_max=20, block_size=8, steps=s)),
+        "vafa (code: q_init qmax, q_min 5)": ("vafa", dict(protocol="paper", q_max=20, block_size=8, steps=s,
+                                                              q_init="qmax", q_min=5)),
         "sa2 (code defaults)": ("sa2", dict(rho=0.2, block_size=8, steps=s)),
         "sa2 (published run)": ("sa2", dict(rho=0.4, block_size=16, steps=s, l_dc=0.2, l_ssim=0.75)),
     }

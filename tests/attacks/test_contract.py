@@ -11,11 +11,13 @@ import volattack
 from volattack import measure, metrics
 from volattack.attacks.base import Attack
 
-# keep every attack cheap; attacks without a steps argument take no extras
-FAST = {"gn": {}, "fgsm": {}}
+# keep every attack cheap; attacks without a steps argument take no extras (square: queries)
+FAST = {"gn": {}, "fgsm": {}, "square": {"queries": 4}}
 
 
 def make(name: str, model: nn.Module, **kw) -> Attack:
+    if name == "square" and "steps" in kw:  # its iterations are queries
+        kw["queries"] = kw.pop("steps")
     return volattack.create_attack(name, model, **{**FAST.get(name, {"steps": 2}), **kw})
 
 
@@ -23,7 +25,7 @@ ALL = volattack.list_attacks()
 
 
 def test_registry_has_the_promised_names():
-    assert {"gn", "fgsm", "bim", "pgd", "pgd_l2", "apgd", "segpgd", "cospgd"} <= set(ALL)
+    assert {"gn", "fgsm", "bim", "pgd", "pgd_l2", "apgd", "segpgd", "cospgd", "sea", "square"} <= set(ALL)
 
 
 def test_unknown_attack_suggests_a_name(tiny_model):

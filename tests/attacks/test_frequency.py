@@ -74,14 +74,14 @@ def test_vafa_unit_tables_and_hard_rounding_return_the_input(task):
     model = task[0]
     x = integer_dct_volume()
     y = torch.zeros(x.shape, dtype=torch.long)
-    atk = volattack.create_attack("vafa", model, q_max=1.0, rounding="hard", steps=3)
+    atk = volattack.create_attack("vafa", model, protocol="paper", q_max=1.0, rounding="hard", steps=3)
     res = atk.run(x, y)  # float64 end to end
     assert res.adv.dtype == torch.float64
     torch.testing.assert_close(res.adv, x, rtol=0, atol=1e-12)
     assert res.info["q_mean"] == [1.0, 1.0] and res.info["q_max_used"] == [1.0, 1.0]
 
     xr, yr = task[1], task[2]
-    adv = volattack.create_attack("vafa", model, q_max=1.0, steps=2).run(xr, yr).adv
+    adv = volattack.create_attack("vafa", model, protocol="paper", q_max=1.0, steps=2).run(xr, yr).adv
     d = block_split(adv - xr, 8)
     block_rms = d.pow(2).mean(dim=(-3, -2, -1)).sqrt()
     assert float(block_rms.max()) <= 0.5 / 255 + 1e-6
@@ -95,7 +95,8 @@ def test_vafa_hu_bounds_are_normalised():
     x = (lo + (hi - lo) * x01).float()
     y = torch.zeros(x.shape, dtype=torch.long)
     model = nn.Sequential(nn.Conv3d(1, 2, 1))
-    atk = volattack.create_attack("vafa", model, bounds=(lo, hi), q_max=1.0, rounding="hard", steps=1, unit_scale=1.0)
+    atk = volattack.create_attack("vafa", model, bounds=(lo, hi), protocol="paper", q_max=1.0, rounding="hard", steps=1,
+                                 unit_scale=1.0)
     res = atk.run(x, y)
     torch.testing.assert_close(res.adv, x, rtol=0, atol=2e-4)  # float32 HU values around 100
     # q_max 20 on the same HU volume: the change is bounded by q_max/2 on the 0..255 scale
@@ -133,7 +134,7 @@ def test_vafa_lowers_dice(task):
 
 def test_vafa_options_run_and_differ(task):
     model, x, y = task
-    base = volattack.create_attack("vafa", model, q_init="qmax", steps=0)(x, y)
+    base = volattack.create_attack("vafa", model, q_init="qmax", steps=0, center_128=False)(x, y)
     centred = volattack.create_attack("vafa", model, q_init="qmax", steps=0, center_128=True)(x, y)
     # centring only changes the DC coefficient (hence how it rounds): the difference is constant per block
     d = block_split(centred - base, 8)
@@ -152,7 +153,7 @@ def test_vafa_slice_renorm_is_guarded_on_constant_slices(task):
     x = torch.full((1, 1, 8, 8, 16), 0.2)
     x[..., 8:] = torch.linspace(0.3, 0.6, 8).view(1, 1, 8, 1, 1).expand(1, 1, 8, 8, 8)
     y = torch.zeros(x.shape, dtype=torch.long)
-    adv = volattack.create_attack("vafa", model, steps=0, slice_renorm=True, rounding="hard")(x, y)
+    adv = volattack.create_attack("vafa", model, protocol="paper", steps=0, slice_renorm=True, rounding="hard")(x, y)
     assert bool(torch.isfinite(adv).all())
     lo = adv.amin(dim=(2, 3)).flatten()
     hi = adv.amax(dim=(2, 3)).flatten()
@@ -160,7 +161,7 @@ def test_vafa_slice_renorm_is_guarded_on_constant_slices(task):
     torch.testing.assert_close(lo[8:], torch.zeros(8), rtol=0, atol=1e-6)
     torch.testing.assert_close(hi[8:], torch.ones(8), rtol=0, atol=1e-6)
     # off by default: the same call without it stays within the q/2 rounding bound of the input
-    plain = volattack.create_attack("vafa", model, steps=0, rounding="hard")(x, y)
+    plain = volattack.create_attack("vafa", model, protocol="paper", steps=0, rounding="hard")(x, y)
     assert float((plain - x).pow(2).mean().sqrt()) <= 0.5 / 255
 
 

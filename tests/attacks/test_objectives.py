@@ -12,6 +12,7 @@ import volattack
 from volattack.attacks.objectives import (
     OBJECTIVES,
     check_objective,
+    class_balance_weights,
     cosine_weights,
     list_objectives,
     objective_per_sample,
@@ -102,6 +103,63 @@ def test_dice_loss_by_hand():
     assert objective_per_sample(sharp, labels, "dice").item() == pytest.approx(0.0, abs=1e-5)
 
 
+# ------------------------------------------------------------ SEA's losses (Croce et al. 2024)
+
+def test_masked_and_balanced_ce_by_hand():
+    logits, labels, z, y = _two_class_example()
+    ce = torch.where(y == 1, F.softplus(-z), F.softplus(z))
+    correct = ((z > 0).long() == y).float()  # argmax of (0, z) is 1 iff z > 0 (z = 0 ties to class 0)
+    assert correct.tolist() == [1, 0, 0, 1, 1, 0, 0, 0]
+    got = objective_per_sample(logits, labels, "masked_ce")
+    assert got.item() == pytest.approx((correct * ce).sum().item() / 8, rel=1e-6)
+    # targeted: the voxels not yet at the target count instead
+    got_t = objective_per_sample(logits, labels, "masked_ce", targeted=True)
+    assert got_t.item() == pytest.approx(((1 - correct) * ce).sum().item() / 8, rel=1e-6)
+    # labels hold 5 voxels of class 1 and 3 of class 0: w = N / (C n_c) = 8/10 and 8/6
+    w = torch.where(y == 1, torch.tensor(0.8), torch.tensor(8 / 6))
+    torch.testing.assert_close(class_balance_weights(labels, 2).flatten(), w)
+    assert class_balance_weights(labels, 2).mean().item() == pytest.approx(1.0)
+    got = objective_per_sample(logits, labels, "balanced_masked_ce")
+    assert got.item() == pytest.approx((w * correct * ce).sum().item() / 8, rel=1e-6)
+
+
+def test_sea_masks_are_detached():
+    logits, labels, z, y = _two_class_example()
+    correct = ((z > 0).long() == y).float().reshape(1, 2, 2, 2)
+    lg = logits.clone().requires_grad_(True)
+    objective_per_sample(lg, labels, "masked_ce").sum().backward()
+    lg2 = logits.clone().requires_grad_(True)
+    (correct * F.cross_entropy(lg2, labels[:, 0], reduction="none")).mean().backward()
+    torch.testing.assert_close(lg.grad, lg2.grad)
+
+
+def test_jsd_against_scipy():
+    from scipy.spatial.distance import jensenshannon
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 2, 2, 3, generator=g) * 3
+    labels = torch.randint(0, 3, (2, 1, 2, 2, 3), generator=g)
+    p = logits.softmax(dim=1).permute(0, 2, 3, 4, 1).reshape(2, -1, 3).double().numpy()
+    e = F.one_hot(labels[:, 0], 3).reshape(2, -1, 3).double().numpy()
+    # scipy returns the square root of the divergence (natural log by default)
+    want = [sum(jensenshannon(p[b, i], e[b, i]) ** 2 for i in range(12)) / 12 for b in range(2)]
+    got = objective_per_sample(logits, labels, "jsd")
+    torch.testing.assert_close(got.double(), torch.tensor(want, dtype=torch.float64), rtol=1e-5, atol=1e-7)
+    # the end points: a confident correct voxel gives 0, a confident wrong one log 2
+    sure = torch.tensor([[30.0, -30.0], [-30.0, 30.0]]).T.reshape(1, 2, 2, 1, 1)
+    lab = torch.zeros(1, 1, 2, 1, 1, dtype=torch.long)
+    assert objective_per_sample(sure, lab, "jsd").item() == pytest.approx(math.log(2) / 2, abs=1e-6)
+
+
+def test_masked_spherical_by_hand_and_scale_invariant():
+    logits = torch.tensor([[3.0, 4.0], [1.0, -1.0], [0.0, 2.0], [5.0, 0.0]]).T.reshape(1, 2, 2, 2, 1)
+    labels = torch.tensor([1, 0, 0, 0]).reshape(1, 1, 2, 2, 1)
+    # correct voxels: 0 (4 > 3, y = 1: z_y/||z|| = 4/5), 1 (1/sqrt 2) and 3 (5/5); voxel 2 is wrong
+    want = -(0.8 + 1 / math.sqrt(2) + 1.0) / 4
+    assert objective_per_sample(logits, labels, "masked_spherical").item() == pytest.approx(want, rel=1e-6)
+    assert objective_per_sample(7 * logits, labels, "masked_spherical").item() == pytest.approx(want, rel=1e-6)
+
+
 def test_unknown_objective():
     with pytest.raises(ValueError, match="objective must be one of .* got 'dice-ce'. Did you mean 'dice_ce'"):
         check_objective("dice-ce")
@@ -111,6 +169,7 @@ def test_unknown_objective():
 
 def test_registry_holds_the_published_objectives():
     assert {"ce", "dice", "dice_ce", "segpgd", "cospgd"} <= set(list_objectives())
+    assert {"masked_ce", "balanced_masked_ce", "jsd", "masked_spherical"} <= set(list_objectives())
     assert ", ".join(OBJECTIVES) == ", ".join(list_objectives())  # what `volattack list` prints
 
 
@@ -164,7 +223,8 @@ def test_adding_an_objective_is_one_decorated_function(tiny_model, tiny_batch):
 
 
 def test_unknown_objective_suggests_a_name():
-    with pytest.raises(ValueError, match=r"objective must be one of ce, cospgd, .* got 'segpdg'. Did you mean 'segpgd'"):
+    with pytest.raises(ValueError, match=r"objective must be one of balanced_masked_ce, ce, cospgd, .* "
+                                         r"got 'segpdg'. Did you mean 'segpgd'"):
         objective_per_sample(*_batch(), "segpdg")
     with pytest.raises(ValueError, match="objective must be one of"):
         volattack.create_attack("sa2", torch.nn.Conv3d(1, 2, 1), objective="dicee")

@@ -9,7 +9,7 @@ at one checkpoint) and :class:`APGDSchedule` (the per-sample bookkeeping between
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -20,6 +20,11 @@ from volattack.checks import check_number
 from volattack.ops import per_sample_view
 
 __all__ = ["APGD", "APGDSchedule", "apgd_checkpoints", "apgd_halve"]
+
+#: ``gain(logits (B, K, *spatial), step) -> (B,)``, ascended by :meth:`APGD.apgd_loop`
+GainFn = Callable[[torch.Tensor, int], torch.Tensor]
+#: ``observe(delta (B, C, *spatial), logits (B, K, *spatial))``, called for every evaluated iterate
+ObserveFn = Callable[[torch.Tensor, torch.Tensor], None]
 
 
 def apgd_checkpoints(steps: int) -> list[int]:
@@ -164,38 +169,89 @@ class APGD(IterativeAttack):
     def early_stop_problem(self) -> str:
         return "its step-size schedule counts every step of every sample (use pgd with early_stop)"
 
-    def _loss_grad(self, x, y, target, d: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _loss_grad(self, x: torch.Tensor, d: torch.Tensor, t: int, gain: GainFn,
+                   check: Callable[[torch.Tensor], None]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         d = d.detach().requires_grad_(True)
         logits = self.forward(x + d)
         if t == 0:
-            self.check_num_classes(logits, y, target)
-        loss = self.gain(logits, y, target, t + 1)
+            check(logits)
+        loss = gain(logits, t + 1)
         (g,) = torch.autograd.grad(loss.sum() * self._grad_scale(x), d)
-        return loss.detach(), g
+        return loss.detach(), g, logits.detach()
 
     def _attack(self, x, y, target, mask, rng):
         delta = self._init_delta(x, rng, mask)
         if self.steps == 0:
             return x + delta, {"steps_run": 0}
-        eta0 = torch.full((x.shape[0],), 2 * self.eps, device=x.device, dtype=x.dtype)
-        loss, g = self._loss_grad(x, y, target, delta, 0)
-        sched = APGDSchedule(self.steps, eta0, loss, self.rho)
+        return x + self.apgd_loop(x, y, target, mask, delta, steps=self.steps), {"steps_run": self.steps}
+
+    def apgd_loop(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        target: Optional[torch.Tensor],
+        mask: Optional[torch.Tensor],
+        delta: torch.Tensor,
+        *,
+        steps: int,
+        eps: Optional[float] = None,
+        gain: Optional[GainFn] = None,
+        observe: Optional[ObserveFn] = None,
+    ) -> torch.Tensor:
+        """One APGD run (the schedule of :class:`APGDSchedule`) of ``steps`` iterations from
+        ``delta``, inside the ball of radius ``eps`` (default ``self.eps``; initial step ``2 eps``),
+        with this attack's norm (sign steps for L-inf, unit-L2 steps for L2). Used by ``apgd`` and,
+        once per loss and radius stage, by ``sea``.
+
+        Args:
+            x, y, target, mask: as in :meth:`_attack`.
+            delta: starting perturbation ``(B, C, *spatial)``, inside the ball.
+            steps: iterations (>= 0): ``steps`` forward/backward passes plus one forward of the
+                last iterate (``steps = 0``: that forward only).
+            gain: ``gain(logits, step) -> (B,)`` to ascend, ``step`` 1-based (default
+                :meth:`~volattack.attacks.base.Attack.gain` against ``y`` / ``target``).
+            observe: called as ``observe(delta_k, logits_k)`` (logits detached) for every evaluated
+                iterate, ``k = 0 .. steps`` in order, so a caller can keep its own best iterate
+                (``sea``: lowest Dice) at no extra pass.
+
+        Returns:
+            the perturbation with the highest gain among the evaluated iterates (detached).
+        """
+        eps = self.eps if eps is None else float(eps)
+        if gain is None:
+            gain = lambda logits, t: self.gain(logits, y, target, t)  # noqa: E731
+        check = lambda logits: self.check_num_classes(logits, y, target)  # noqa: E731
+        if steps == 0:
+            with torch.no_grad():
+                logits = self.forward(x + delta)
+                check(logits)
+            if observe is not None:
+                observe(delta, logits)
+            return delta.detach()
+        eta0 = torch.full((x.shape[0],), 2 * eps, device=x.device, dtype=x.dtype)
+        loss, g, logits = self._loss_grad(x, delta, 0, gain, check)
+        if observe is not None:
+            observe(delta, logits)
+        sched = APGDSchedule(steps, eta0, loss, self.rho)
         best_delta, prev = delta, delta
-        delta = self._project(x, delta + per_sample_view(sched.eta, x) * g.sign(), mask)  # no momentum
+        delta = self._project(x, delta + per_sample_view(sched.eta, x) * self._direction(g), mask, eps)
         a = self.momentum
-        for k in range(1, self.steps):
-            loss, g = self._loss_grad(x, y, target, delta, k)
+        for k in range(1, steps):
+            loss, g, logits = self._loss_grad(x, delta, k, gain, check)
+            if observe is not None:
+                observe(delta, logits)
             eta = sched.eta  # the step from x^(k) uses the step size in use at k
             improved, halve = sched.update(k, loss)
             best_delta = torch.where(per_sample_view(improved, x), delta, best_delta)
-            z = self._project(x, delta + per_sample_view(eta, x) * g.sign(), mask)
-            nxt = self._project(x, delta + a * (z - delta) + (1 - a) * (delta - prev), mask)
+            z = self._project(x, delta + per_sample_view(eta, x) * self._direction(g), mask, eps)
+            nxt = self._project(x, delta + a * (z - delta) + (1 - a) * (delta - prev), mask, eps)
             prev, delta = delta, nxt
             if k in sched.checkpoints:
                 delta = torch.where(per_sample_view(halve, x), best_delta, delta)
                 prev = torch.where(per_sample_view(halve, x), best_delta, prev)
         with torch.no_grad():  # the last iterate is a candidate too
-            final = self.gain(self.forward(x + delta), y, target, self.steps)
-        best_delta = torch.where(per_sample_view(final > sched.best, x), delta, best_delta)
-        return x + best_delta, {"steps_run": self.steps}
-
+            logits = self.forward(x + delta)
+            final = gain(logits, steps)
+        if observe is not None:
+            observe(delta, logits)
+        return torch.where(per_sample_view(final > sched.best, x), delta, best_delta).detach()

@@ -15,7 +15,14 @@ from volattack.attacks.spectral import block_merge, block_split, dct3, idct3, so
 from volattack.attacks.spectral_base import PatchSSIM, SpectralAttack
 from volattack.checks import check_bool, check_choice, check_number
 
-__all__ = ["VAFA", "slice_minmax"]
+__all__ = ["PROTOCOLS", "VAFA", "slice_minmax"]
+
+#: the defaults each ``protocol`` gives (Hanif et al., MICCAI 2023: the paper's text and its
+#: published code; the code's per-slice renormalisation is left out of both, see ``slice_renorm``)
+PROTOCOLS: dict[str, dict[str, Any]] = {
+    "code": {"q_init": "qmax", "q_min": 5.0, "objective": "dice_ce", "center_128": True},
+    "paper": {"q_init": "one", "q_min": 1.0, "objective": "dice", "center_128": False},
+}
 
 
 @register_attack("vafa")
@@ -35,34 +42,53 @@ class VAFA(SpectralAttack):
     :func:`~volattack.attacks.spectral.soft_round` with ``a`` annealed linearly from
     ``soft_round_a`` at the first step to ``soft_round_a / steps`` at the last, i.e. toward 0),
     ``"ste"`` (:func:`~volattack.attacks.spectral.ste_round`), or ``"hard"`` (``torch.round``; the
-    gradient then flows only through the outer ``* q``). **The returned image always uses hard
-    rounding with the final q** and is clamped to the bounds. With an orthonormal DCT each
+    gradient then flows only through the outer ``* q``). With ``output="hard"`` (default) **the
+    returned image uses hard rounding with the final q**; it is clamped to the bounds. With an orthonormal DCT each
     coefficient moves by at most ``q / 2``, so the RMS change before clamping is at most
     ``q_max / 2`` on the 0..255 scale (q_max 20 -> 10/255 RMS), i.e.
     ``q_max / (2 * intensity_scale) * (hi - lo)`` in input units.
 
-    Paper defaults: q init 1, q_min 1, q_max 20, 8^3 blocks, 20 steps, Dice loss, soft rounding.
-    The published code's departures are options: ``q_init="qmax"`` with ``q_min=5``,
-    ``objective="dice_ce"``, ``center_128=True``, ``slice_renorm=True``.
+    Two protocols (``protocol``) fix the options on which the paper's text and its published code
+    disagree; keyword arguments given explicitly override the protocol's value:
+
+    - ``"code"`` (default): the configuration behind the published numbers, without the
+      published code's per-slice renormalisation: ``q_init="qmax"``, ``q_min=5`` (``q_max`` if
+      smaller), ``objective="dice_ce"``, ``center_128=True``. On a phantom CT model (clean Dice
+      0.74, q_max 20, 20 steps, 8^3 blocks) it reaches Dice 0.42 where the paper's text reaches
+      0.72, almost a no-op: the sign of ``dL/dq`` follows the rounding sawtooth, so tables started
+      at 1 barely move.
+    - ``"paper"``: the paper's text, ``q_init="one"``, ``q_min=1``, ``objective="dice"``,
+      ``center_128=False``.
+
+    ``output``: ``"hard"`` (default) returns the hard quantisation with the final tables;
+    ``"soft_last"`` returns what the published code returns, the candidate of the last step
+    (soft-rounded with that step's softness, built with the tables *before* the final update, so
+    the last update is wasted), which lies closer to the input than the hard output.
 
     Args:
         model: the segmenter.
         q_max: upper bound of the tables (0..255 intensity scale), >= 1.
-        q_min: lower bound, in ``[1, q_max]``.
-        q_init: ``"one"`` (paper) or ``"qmax"`` (published code) initial tables.
+        q_min: lower bound, in ``[1, q_max]`` (default: the protocol's).
+        q_init: ``"one"`` (paper) or ``"qmax"`` (published code) initial tables (default: the protocol's).
         block_size: cube side b in voxels, >= 2 and at most the smallest volume side (sides that
             are not multiples of b are replicate-padded, see ``block_split``).
         steps: signed update steps, >= 0 (0 quantises once with the initial tables).
-        objective: ``"dice"`` (paper), ``"dice_ce"`` (code) or any other objective name.
+        objective: ``"dice"`` (paper), ``"dice_ce"`` (code) or any other objective name (default:
+            the protocol's).
         rounding: ``"soft"``, ``"ste"`` or ``"hard"`` during the steps.
         soft_round_a: initial AdvDrop softness in (0, 1) (0.1).
-        center_128: subtract 128 before the DCT (JPEG style; changes only the DC coefficient).
+        center_128: subtract 128 before the DCT (JPEG style; changes only the DC coefficient;
+            default: the protocol's).
         slice_renorm: min-max renormalise every axial slice (last axis) of X' to the unit range
             as the published code does. WARNING: this is an unbounded contrast change that
             q_max does not control (on CT with all-air slices it reaches Dice 0 at SSIM 0.63);
             off by default. Constant slices are left unchanged (no division by zero).
         ssim_weight: weight of ``L_ssim`` (1).
         intensity_scale: the quantisation scale (255: published q values refer to 0..255).
+        protocol: ``"code"`` (default) or ``"paper"``: the defaults of ``q_init``, ``q_min``,
+            ``objective`` and ``center_128`` (see above).
+        output: ``"hard"`` (default) or ``"soft_last"`` (the published code's returned image;
+            needs ``steps >= 1``).
         **kwargs: :class:`~volattack.attacks.base.Attack` options.
 
     Shape:
@@ -77,26 +103,38 @@ class VAFA(SpectralAttack):
         model: nn.Module,
         *,
         q_max: float = 20.0,
-        q_min: float = 1.0,
-        q_init: str = "one",
+        q_min: Optional[float] = None,
+        q_init: Optional[str] = None,
         block_size: int = 8,
         steps: int = 20,
-        objective: str = "dice",
+        objective: Optional[str] = None,
         rounding: str = "soft",
         soft_round_a: float = 0.1,
-        center_128: bool = False,
+        center_128: Optional[bool] = None,
         slice_renorm: bool = False,
         ssim_weight: float = 1.0,
         intensity_scale: float = 255.0,
+        protocol: str = "code",
+        output: str = "hard",
         **kwargs: Any,
     ) -> None:
-        super().__init__(model, steps=steps, objective=objective, **kwargs)
+        self.protocol = check_choice("protocol", protocol, tuple(PROTOCOLS))
+        preset = PROTOCOLS[self.protocol]
         check_number("q_max", q_max, low=1)
+        if q_min is None:
+            q_min = min(preset["q_min"], float(q_max))
+        q_init = preset["q_init"] if q_init is None else q_init
+        objective = preset["objective"] if objective is None else objective
+        center_128 = preset["center_128"] if center_128 is None else center_128
+        super().__init__(model, steps=steps, objective=objective, **kwargs)
         check_number("q_min", q_min, low=1, high=q_max)
         check_number("block_size", block_size, low=2, integer=True)
         check_number("soft_round_a", soft_round_a, low=0, high=1, low_open=True, high_open=True)
         check_number("ssim_weight", ssim_weight, low=0)
         check_number("intensity_scale", intensity_scale, low=0, low_open=True)
+        self.output = check_choice("output", output, ("hard", "soft_last"))
+        if self.output == "soft_last" and self.steps == 0:
+            raise ValueError("output='soft_last' needs steps >= 1 (it returns the last step's image), got steps=0.")
         self.q_max = float(q_max)
         self.q_min = float(q_min)
         self.q_init = check_choice("q_init", q_init, ("one", "qmax"))
@@ -140,8 +178,12 @@ class VAFA(SpectralAttack):
         init = 1.0 if self.q_init == "one" else self.q_max
         q = torch.full_like(coeffs, init).clamp(self.q_min, self.q_max)
 
+        last: dict[str, torch.Tensor] = {}
+
         def candidate(p: torch.Tensor, t: int) -> torch.Tensor:
-            return self._from_unit(self._reconstruct(coeffs, p, x.shape, t), x, mask, straight_through=True)
+            out = self._from_unit(self._reconstruct(coeffs, p, x.shape, t), x, mask, straight_through=True)
+            last["adv"] = out.detach()  # the published code returns the last step's candidate
+            return out
 
         def score(adv: torch.Tensor, logits: torch.Tensor, t: int) -> torch.Tensor:
             l_ssim = 1.0 - ssim(block_split(self._to_unit(adv), b))
@@ -152,7 +194,10 @@ class VAFA(SpectralAttack):
 
         q, steps_run = self._step_loop(q, candidate, score, update, y, target)
         with torch.no_grad():
-            adv = self._from_unit(self._reconstruct(coeffs, q, x.shape, None), x, mask)
+            if self.output == "soft_last":
+                adv = last["adv"]
+            else:
+                adv = self._from_unit(self._reconstruct(coeffs, q, x.shape, None), x, mask)
             qf = q.flatten(1)
             extra = {
                 "steps_run": steps_run,

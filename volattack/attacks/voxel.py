@@ -124,12 +124,16 @@ class IterativeAttack(Attack):
         return super().restart_problem()
 
     # ---------------------------------------------------------------- pieces
-    def _project(self, x: torch.Tensor, delta: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    def _project(self, x: torch.Tensor, delta: torch.Tensor, mask: Optional[torch.Tensor],
+                 eps: Optional[float] = None) -> torch.Tensor:
+        """Project ``delta`` onto the ball of radius ``eps`` (default ``self.eps``; SEA's larger
+        stage radii pass their own), the mask and the bounds."""
+        eps = self.eps if eps is None else float(eps)
         if self.norm == "linf":
-            delta = delta.clamp(-self.eps, self.eps)
+            delta = delta.clamp(-eps, eps)
         else:
             n = l2_norm(delta)
-            factor = torch.where(n > self.eps, self.eps / n.clamp_min(1e-12), torch.ones_like(n))
+            factor = torch.where(n > eps, eps / n.clamp_min(1e-12), torch.ones_like(n))
             delta = delta * per_sample_view(factor, delta)
         if mask is not None:
             delta = delta * mask
@@ -140,18 +144,21 @@ class IterativeAttack(Attack):
             return g.sign()
         return g / per_sample_view(l2_norm(g).clamp_min(1e-12), g)
 
-    def _init_delta(self, x: torch.Tensor, rng: RandomStreams, mask: Optional[torch.Tensor]) -> torch.Tensor:
-        """Random start per sample: uniform in the L-inf ball, or (L2) a uniform direction with
-        radius ``eps * r``, ``r ~ U(0, 1)`` drawn next from the same stream; zeros without one."""
-        if not self.random_start or self.eps == 0:
+    def _init_delta(self, x: torch.Tensor, rng: RandomStreams, mask: Optional[torch.Tensor],
+                    eps: Optional[float] = None) -> torch.Tensor:
+        """Random start per sample: uniform in the L-inf ball of radius ``eps`` (default
+        ``self.eps``), or (L2) a uniform direction with radius ``eps * r``, ``r ~ U(0, 1)`` drawn
+        next from the same stream; zeros without one."""
+        eps = self.eps if eps is None else float(eps)
+        if not self.random_start or eps == 0:
             return torch.zeros_like(x)
         u = self.sample_noise(x, rng, "uniform" if self.norm == "linf" else "normal")
         if self.norm == "linf":
-            delta = u * self.eps
+            delta = u * eps
         else:
             r = rng.uniform(x)
-            delta = u / per_sample_view(l2_norm(u).clamp_min(1e-12), u) * per_sample_view(self.eps * r, u)
-        return self._project(x, delta, mask)
+            delta = u / per_sample_view(l2_norm(u).clamp_min(1e-12), u) * per_sample_view(eps * r, u)
+        return self._project(x, delta, mask, eps)
 
     def _grad_scale(self, x: torch.Tensor) -> float:
         """Loss scale for the backward pass: the voxel count under fp16 autocast, so per-voxel
