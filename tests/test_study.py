@@ -185,16 +185,51 @@ def test_comparison_rows_csv_and_tables():
     assert rows[3]["dice_drop"] == pytest.approx(0.1) and rows[3]["linf"] == pytest.approx(4 / 255)
     table = list(csv.DictReader(io.StringIO(comparison_csv(rows))))
     assert list(table[0]) == comparison_columns() and len(table) == 4
-    assert comparison_columns()[:5] == ["variant", "attack", "clean_dice", "adv_dice", "dice_drop"]
+    assert comparison_columns()[:6] == ["variant", "attack", "clean_dice", "clean_dice_lo", "clean_dice_hi", "adv_dice"]
     assert table[1]["adv_dice"] == "0.5" and table[0]["dice_drop"] == "" and table[1]["intensity_units"] == "HU"
     pivot = dice_table(rows).splitlines()
     assert pivot[0] == "| Variant | clean | pgd(eps=4/255) |"
     assert pivot[2] == "| clean | 0.900 | 0.500 |" and pivot[3] == "| at | 0.800 | 0.700 |"
     full = full_table(rows)
-    assert "| at | pgd(eps=4/255) | 0.800 | 0.700 | 0.100 | 4.00/255 | 6.7 | 5.0 | 0.970 |" in full
+    assert "| at | pgd(eps=4/255) | 0.800 | 0.700 | 0.100 | – | 4.00/255 | 6.7 | 5.0 | 0.970 |" in full
     assert "L-inf HU" in full
     mri = comparison_rows({"m": _fake_results(0.9, {"gn": 0.9}, units="a.u.")})
     assert "L-inf a.u." in full_table(mri) and mri[1]["intensity_units"] == "a.u."
+
+
+def _cases_results(clean: list, adv: list) -> dict:
+    """Results with per-case Dice (clean and one attack) and the summary built from them."""
+    from volattack.evaluation.summary import summarize
+
+    cases = [{"case": f"{i:04d}_c", "image": "x", "label": "y", "index": i, "seed": i, "shape": [], "spacing_mm": [],
+              "clean": {"clean_dice": c, "dice": c}, "attacks": {"pgd": {"clean_dice": c, "dice": a}}}
+             for i, (c, a) in enumerate(zip(clean, adv))]
+    return {"threat_model": "volume", "attacks": [{"label": "pgd", "name": "pgd", "params": {}}], "cases": cases,
+            "summary": summarize(cases, ["pgd"], 0.5).to_dict()}
+
+
+def test_paired_differences_between_variants_with_intervals_and_n_s():
+    from volattack.evaluation.comparison import differences_lines, format_difference, paired_differences
+
+    base = [0.9, 0.6, 0.8, 0.7, 0.5, 0.85]
+    a = _cases_results(base, [0.40, 0.20, 0.35, 0.30, 0.10, 0.38])
+    b = _cases_results([v + 0.001 for v in base], [0.60, 0.41, 0.56, 0.50, 0.31, 0.58])  # +0.2 under attack
+    diffs = {d["attack"]: d for d in paired_differences({"a": a, "b": b})}
+    assert diffs["pgd"]["diff"] == pytest.approx(0.205, abs=1e-9) and diffs["pgd"]["n"] == 6
+    assert diffs["pgd"]["significant"] and diffs["pgd"]["lo"] > 0  # a consistent gain: interval excludes 0
+    assert diffs["clean"]["diff"] == pytest.approx(0.001) and diffs["clean"]["significant"]  # constant shift
+    noisy = _cases_results([v + e for v, e in zip(base, [0.02, -0.03, 0.01, -0.01, 0.02, -0.02])],
+                           [0.40, 0.20, 0.35, 0.30, 0.10, 0.38])
+    d = {x["attack"]: x for x in paired_differences({"a": a, "c": noisy})}["clean"]
+    assert d["lo"] <= 0 <= d["hi"] and not d["significant"]
+    assert format_difference(d).endswith("(n.s.)") and format_difference(d).startswith("-0.002 [")
+    assert format_difference({"diff": 0.005, "lo": -0.010, "hi": 0.021, "n": 4, "significant": False}) == \
+        "+0.005 [-0.010, +0.021] (n.s.)"
+    text = "\n".join(differences_lines({"a": a, "b": b}))
+    assert "| Attack | b − a |" in text and "| pgd | +0.205 [" in text
+    assert differences_lines({"a": a}) == []  # one variant: nothing to compare
+    pivot = dice_table(comparison_rows({"a": a, "b": b}))
+    assert "| a | 0.725 [" in pivot  # the Dice pivot shows each mean's interval
 
 
 # ---------------------------------------------------------------- command line

@@ -1,4 +1,4 @@
-"""The ``volattack`` command line: train, attack, evaluate, benchmark, study, phantoms, list.
+"""The ``volattack`` command line: train, attack, evaluate, benchmark, study, leaderboard, phantoms, list.
 
 Argument parsing imports neither torch nor MONAI, so ``volattack --help`` and argument
 errors answer at once; each handler imports what it needs. Exit codes: 0 success,
@@ -83,6 +83,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_common(p)
 
+    p = sub.add_parser(
+        "leaderboard",
+        help="merge the robustness cards (robustness.json) of several runs into one Markdown + CSV table",
+        description="Read RUN_DIR/robustness.json of every run (written by every evaluation) and merge them: one "
+        "line per run, the clean Dice and every row's Dice with its 95%% interval. Cards of different datasets "
+        "or label sets are refused.",
+    )
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or robustness.json files)")
+    p.add_argument("--out", default=None, metavar="FILE.md",
+                   help="write the Markdown table here and the CSV beside it (FILE.csv); default: print Markdown")
+
     p = sub.add_parser("list", help="list registered attacks, models or objectives")
     p.add_argument("what", nargs="?", default="all", choices=["all", "attacks", "models", "objectives"])
     return parser
@@ -129,9 +140,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _finish_eval(results: dict, out: Path) -> int:
-    from volattack.evaluation.report import markdown_table
+    from volattack.evaluation.report import interval_table, markdown_table
 
     _out(markdown_table(results) + "\n\n")
+    _out("95% bootstrap intervals over cases (n: cases):\n" + interval_table(results) + "\n\n")
     for c in results.get("sanity") or []:
         if c["status"] == "warn":
             _out(f"WARNING sanity check {c['check']}: {c['detail']}\n")
@@ -207,6 +219,17 @@ def cmd_study(args: argparse.Namespace) -> int:
     return EXIT_ERROR if failed else EXIT_OK
 
 
+def cmd_leaderboard(args: argparse.Namespace) -> int:
+    from volattack.evaluation.leaderboard import build_leaderboard, write_leaderboard
+
+    if args.out:
+        md, csv_path = write_leaderboard(args.runs, args.out)
+        _out(f"leaderboard: {md} and {csv_path}\n")
+    else:
+        _out(build_leaderboard(args.runs)[0])
+    return EXIT_OK
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     lines = []
     if args.what in ("all", "attacks"):
@@ -232,6 +255,7 @@ HANDLERS = {
     "evaluate": cmd_evaluate,
     "benchmark": cmd_benchmark,
     "study": cmd_study,
+    "leaderboard": cmd_leaderboard,
     "list": cmd_list,
 }
 

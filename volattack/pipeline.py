@@ -110,6 +110,7 @@ def run_evaluate(cfg: RunConfig, out_dir: Path, *, checkpoint: Optional[str] = N
     split = evaluation_split(cfg)
     _validate_attacks(cfg)
     _validate_defense(cfg)
+    cfg = with_blackbox_check(cfg)
     model, info = _load_model(ckpt, trust_bundle)
     surrogate, sur_info = (_load_model(cfg.evaluate.surrogate_checkpoint, trust_bundle)
                            if cfg.evaluate.surrogate_checkpoint else (None, None))
@@ -192,6 +193,43 @@ def _validate_attacks(cfg: RunConfig) -> None:
                 volattack.create_attack(spec.name, dummy, **kw)
             except (ValueError, TypeError) as e:
                 raise ConfigError(f"evaluate.attacks: {label}: {e}") from e
+
+
+def with_blackbox_check(cfg: RunConfig) -> RunConfig:
+    """``cfg`` with the black-box check's ``square`` attack appended to ``evaluate.attacks`` when
+    ``evaluate.sanity_blackbox_queries > 0``: ``queries`` queries at the strongest white-box L-inf
+    eps of the configured attacks (the sanity check ``blackbox`` compares it with them;
+    :mod:`volattack.evaluation.sanity`). Unchanged when the option is 0, when no white-box L-inf
+    attack is configured (logged), or when a ``square`` entry at that eps exists already."""
+    ev = cfg.evaluate
+    if ev.sanity_blackbox_queries <= 0:
+        return cfg
+    import torch
+
+    import volattack
+    from volattack.evaluation.config import AttackSpec
+    from volattack.evaluation.sanity import BLACKBOX_ATTACKS, NOISE_ATTACKS
+
+    dummy = torch.nn.Conv3d(1, 1, 1)
+    eps: list[float] = []
+    have: list[float] = []
+    for spec in ev.attacks:
+        for _, kw in spec.expand():
+            atk = volattack.create_attack(spec.name, dummy, **kw)
+            e = getattr(atk, "eps", None)
+            if spec.name in BLACKBOX_ATTACKS and isinstance(e, float):
+                have.append(e)
+            elif getattr(atk, "linf_budget", False) and spec.name not in NOISE_ATTACKS and isinstance(e, float):
+                eps.append(e)
+    if not eps:
+        logger.warning("evaluate.sanity_blackbox_queries=%d: no white-box L-inf attack to compare with; "
+                       "the black-box check is not run", ev.sanity_blackbox_queries)
+        return cfg
+    top = max(eps)
+    if any(abs(h - top) <= 1e-6 * top for h in have):
+        return cfg
+    square = AttackSpec("square", params={"eps": top, "queries": ev.sanity_blackbox_queries})
+    return replace(cfg, evaluate=replace(ev, attacks=[*ev.attacks, square]))
 
 
 def _validate_defense(cfg: RunConfig) -> None:

@@ -57,13 +57,16 @@ from typing import Any, Mapping, Optional, Sequence, Union
 from volattack.config import ConfigError, RunConfig, apply_overrides, dump_yaml, from_dict, load_yaml, to_dict
 from volattack.evaluation.comparison import (
     ComparisonRow,
+    attacks_table,
     comparison_columns,
     comparison_csv,
     comparison_figure,
     comparison_rows,
     dice_table,
+    differences_lines,
     failed_lines,
     full_table,
+    paired_differences,
     sanity_lines,
 )
 from volattack.evaluation.config import format_number
@@ -309,15 +312,6 @@ def _eval_seconds(results: Mapping[str, Any]) -> Optional[float]:
     return _num((results.get("timings") or {}).get("evaluate_seconds"))
 
 
-def _attacks_table(results: Mapping[str, Any]) -> str:
-    """Markdown list of the evaluated attack configurations with all their parameters."""
-    lines = ["| Label | Attack | Parameters |", "|---|---|---|"]
-    for a in results.get("attacks") or []:
-        params = ", ".join(f"{k}={format_number(v, k)}" for k, v in (a.get("params") or {}).items())
-        lines.append(f"| {a['label']} | {a['name']} | {params or 'defaults'} |")
-    return "\n".join(lines)
-
-
 def _fmt(v: Any, digits: int = 3) -> str:
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "–"
@@ -371,9 +365,10 @@ def _markdown(plan: StudyPlan, info: Mapping[str, Mapping[str, Any]], rows: Sequ
         "",
         "![comparison](comparison.png)",
         "",
+        *differences_lines(results),
         "## Attacks",
         "",
-        _attacks_table(first),
+        attacks_table(first),
         "",
         "## Full table",
         "",
@@ -426,7 +421,8 @@ def write_comparison(plan: StudyPlan, results: Mapping[str, Mapping[str, Any]],
     atomic_write_text(files["csv"], comparison_csv(rows))
     atomic_write_text(files["md"], _markdown(plan, info, rows, results))
     comparison_figure(rows, files["png"])
-    summary = {"out_dir": str(out), "variants": info, "rows": [r.to_dict() for r in rows], "files": files,
+    summary = {"out_dir": str(out), "variants": info, "rows": [r.to_dict() for r in rows],
+               "differences": paired_differences(results), "files": files,
                "finished": list(results), "planned": list(plan.variants)}
     atomic_write_json(out / "study.json", summary)
     return summary

@@ -222,3 +222,20 @@ def test_defense_dataclasses_direct():
         DefenseConfig(transforms=[TransformSpec("median")], eot_samples=True)
     with pytest.raises(ValueError, match=r"name must be one of .*got 'jpeg'"):
         TransformSpec("jpeg")
+
+
+def test_blackbox_check_flags_dct_quant_without_bpda_not_the_bare_model(env):
+    """End to end (tiny model, 2 cases): ``sanity_blackbox_queries`` adds a square attack at the PGD's
+    eps; through DCT quantisation without BPDA, PGD's gradient is zero and the gradient-free attack
+    does better (flagged), on the bare model PGD wins (not flagged)."""
+    _, _, run = env
+    bare, out = run("bb_bare", sanity_blackbox_queries=60)
+    none, _ = run("bb_none", sanity_blackbox_queries=60, defense={"transforms": DCT_QUANT, "bpda": "none"})
+    square = "square(eps=16/255, queries=60)"
+    assert square in bare["summary"]["attacks"] and square in none["summary"]["attacks"]
+    assert _check(bare, "blackbox")["status"] == "ok", _check(bare, "blackbox")["detail"]
+    assert _check(none, "blackbox")["status"] == "warn", _check(none, "blackbox")["detail"]
+    assert "likely gradient masking" in _check(none, "blackbox")["detail"]
+    assert "⚠ WARNING blackbox" not in (out / "report.md").read_text() and "✓ blackbox" in (out / "report.md").read_text()
+    card = json.loads((out / "robustness.json").read_text())
+    assert {r["label"] for r in card["rows"]} == {"pgd(steps=4, eps=16/255)", square}

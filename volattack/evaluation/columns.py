@@ -12,6 +12,9 @@ all iterate over :data:`COLUMNS`, so adding a metric is one entry here (or one
 :func:`schema_fingerprint`), so a new column recomputes them instead of leaving them without it.
 
 This module imports no torch at import time (the command line and the README generator use it).
+
+Size: the schema is one home (every column with its per-case function, its definition and the
+helpers that print and read its values and intervals); splitting it would scatter a column.
 """
 
 from __future__ import annotations
@@ -79,6 +82,9 @@ class Column:
         per_class: the value is a list with one entry per foreground class (not in the CSVs).
         record_key: key in per-case records when it differs from ``key`` (kept from results
             written before this schema, e.g. ``dice`` for ``adv_dice``).
+        samples: per-case values whose mean is the row value of an ``aggregate`` column (the
+            input of its bootstrap interval, e.g. ROG's per-case robust indicators); ``None``:
+            a mean column bootstraps its per-case values, another aggregate gets no interval.
     """
 
     key: str
@@ -91,6 +97,7 @@ class Column:
     tables: frozenset[str] = frozenset(TABLES)
     per_class: bool = False
     record_key: Optional[str] = None
+    samples: Optional[Callable[["Aggregate"], Sequence[Any]]] = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.key, str) or not self.key.isidentifier():
@@ -100,6 +107,11 @@ class Column:
             raise ValueError(f"tables must be a subset of {TABLES}, got {sorted(self.tables)!r}.")
         if self.case is None and self.aggregate is None:
             raise ValueError(f"column {self.key!r}: give a per-case function (case) or an aggregate.")
+
+    @property
+    def has_interval(self) -> bool:
+        """The row value is a mean over cases and gets a bootstrap interval (``<key>_ci``)."""
+        return self.aggregate is None or self.samples is not None
 
     @property
     def stored_as(self) -> str:
@@ -273,6 +285,29 @@ def _fooling_rate(agg: Aggregate) -> Optional[float]:
         return float(fooling_rate(clean, adv, agg.fooling_threshold))
 
 
+def _robust_indicators(agg: Aggregate) -> list[float]:
+    from volattack.metrics.statistics import ROBUST_T, robust_volume_indicators
+
+    clean = [_nan(v) for v in agg.values("clean_dice")]
+    adv = [_nan(v) for v in agg.values("adv_dice")]
+    return [float(v) for v in robust_volume_indicators(clean, adv, ROBUST_T)] if clean else []
+
+
+def _robust_rate(agg: Aggregate) -> Optional[float]:
+    return nanmean(_robust_indicators(agg)) if agg.scores else None
+
+
+def _gt_volume_ml(o: Outcome) -> Optional[list[float]]:
+    """Ground-truth volume of each foreground class in mL (clean outcome only: the same for every row)."""
+    if not o.is_clean:
+        return None
+    import torch
+
+    counts = torch.bincount(o.label.flatten().long(), minlength=o.num_classes)[1:o.num_classes]
+    voxel_ml = math.prod(float(s) for s in o.spacing) / 1000.0
+    return [float(c) * voxel_ml for c in counts.tolist()]
+
+
 def _rel_drop(o: Outcome) -> float:
     c, a = o.clean_dice, o.dice
     return float("nan") if c == 0 or math.isnan(c) else (c - a) / c
@@ -306,6 +341,10 @@ COLUMNS: list[Column] = [
     Column("fooling_rate", "Fooling rate", "fraction of cases whose Dice falls by at least the threshold t "
            "(`evaluate.fooling_threshold`, default 0.5) relative to clean, (clean − adv)/clean ≥ t; cases with "
            "clean Dice 0 or NaN are excluded.", aggregate=_fooling_rate, tables=frozenset({"report"})),
+    Column("robust_rate", "Robust rate", "ROG's robust-volume rate (Daza et al., MICCAI 2021): fraction of cases "
+           "whose adversarial Dice is at least t = 0.5 times the case's own clean Dice (ROG compares with the "
+           "clean mean; per case, a hard case is not robust merely for staying low); cases with clean Dice 0 or "
+           "NaN are not counted.", aggregate=_robust_rate, samples=_robust_indicators),
     Column("flip_rate", "Flip rate", "fraction of the voxels in the union of the clean-predicted and the true "
            "foreground whose predicted class changes under attack.", case=lambda o: o.flip_rate,
            tables=frozenset({"report"})),
@@ -335,12 +374,18 @@ COLUMNS: list[Column] = [
            case=lambda o: o.dice_per_class, clean=True, per_class=True, tables=frozenset()),
     Column("hd95_mm_per_class", "HD95 mm per class", "HD95 of each foreground class in mm.",
            case=lambda o: o.hd95_per_class, clean=True, per_class=True, tables=frozenset(), fmt=fixed(1)),
+    Column("gt_volume_ml_per_class", "GT volume mL per class", "ground-truth volume of each foreground class in "
+           "mL (voxel count x voxel volume after preprocessing; clean row only): the organ size of the "
+           "size-stratified drops.", case=_gt_volume_ml, clean=True, per_class=True, tables=frozenset(),
+           fmt=fixed(1)),
 ]
 
 #: How the README's metric section and report.md open.
 PREAMBLE = ("Every number is computed per case, then averaged over the cases (NaN values skipped), unless its "
-            "definition says otherwise. Source-unit columns are headed with `data.preprocess.units` "
-            "({units} here; e.g. a.u. for MRI).")
+            "definition says otherwise; every such mean, and the robust rate, comes with a 95% percentile-"
+            "bootstrap interval over its cases (2000 resamples, seed 0; `<key>_ci` in results.json, "
+            "`<key>_lo`/`<key>_hi` in the CSV files), NaN when fewer than 2 cases have the value. "
+            "Source-unit columns are headed with `data.preprocess.units` ({units} here; e.g. a.u. for MRI).")
 
 
 def get_column(key: str) -> Column:
@@ -382,6 +427,44 @@ def table_columns(table: str) -> list[Column]:
     if table not in TABLES:
         raise ValueError(f"table must be one of {TABLES}, got {table!r}.")
     return [c for c in COLUMNS if table in c.tables and not c.per_class]
+
+
+#: suffixes of a row's interval entries: ``<key>_ci`` ([lo, hi]) and ``<key>_n`` (cases behind it);
+#: the CSV files split ``_ci`` into ``<key>_lo`` and ``<key>_hi``
+CI_SUFFIX, N_SUFFIX, LO_SUFFIX, HI_SUFFIX = "_ci", "_n", "_lo", "_hi"
+
+
+def csv_keys() -> list[str]:
+    """The value columns of the CSV files: every scalar column, each interval column followed by
+    ``<key>_lo`` and ``<key>_hi`` (its 95% bootstrap interval)."""
+    out: list[str] = []
+    for c in scalar_columns():
+        out += [c.key, c.key + LO_SUFFIX, c.key + HI_SUFFIX] if c.has_interval else [c.key]
+    return out
+
+
+def row_value(values: Mapping[str, Any], key: str) -> Any:
+    """The value of ``key`` in a row's ``values``: a column key, or ``<key>_lo`` / ``<key>_hi``
+    read from ``<key>_ci`` (``None`` when absent)."""
+    if key in values:
+        return values[key]
+    for suffix, pos in ((LO_SUFFIX, 0), (HI_SUFFIX, 1)):
+        if key.endswith(suffix):
+            ci = values.get(key[: -len(suffix)] + CI_SUFFIX)
+            if isinstance(ci, (list, tuple)) and len(ci) == 2:
+                return ci[pos]
+    return None
+
+
+def with_interval(col: Column, values: Mapping[str, Any], ctx: FormatContext = FormatContext()) -> str:
+    """``0.541 [0.498, 0.583]``: the row value of ``col`` and its interval (the value alone when
+    it has none, e.g. a single case)."""
+    text = col.format(values.get(col.key), ctx)
+    ci = values.get(col.key + CI_SUFFIX)
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and all(isinstance(v, (int, float)) and not math.isnan(v)
+                                                              for v in ci):
+        text += f" [{col.format(ci[0], ctx)}, {col.format(ci[1], ctx)}]"
+    return text
 
 
 def schema_fingerprint() -> list[str]:
@@ -432,7 +515,8 @@ def metrics_markdown(units: str = DEFAULT_UNITS) -> str:
 
 
 __all__ = [
-    "Aggregate", "COLUMNS", "Column", "DEFAULT_UNITS", "FormatContext", "Outcome", "PREAMBLE", "SCHEMA_VERSION",
+    "Aggregate", "CI_SUFFIX", "COLUMNS", "Column", "DEFAULT_UNITS", "N_SUFFIX", "csv_keys", "row_value",
+    "with_interval", "FormatContext", "Outcome", "PREAMBLE", "SCHEMA_VERSION",
     "TABLES", "definitions", "fixed", "get_column", "input_budget", "markdown_table", "metrics_markdown",
     "nanmean", "register_column", "scalar_columns", "schema_fingerprint", "table_columns", "unregister_column",
 ]

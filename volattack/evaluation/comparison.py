@@ -2,8 +2,12 @@
 
 Rows come from each evaluation's summary (:class:`~volattack.evaluation.records.Summary`), the
 columns from the results schema (:mod:`volattack.evaluation.columns`): ``comparison.csv`` holds
-every scalar column, the full Markdown table the schema's ``study`` columns, so a new metric
-column appears here without touching this module.
+every scalar column (each mean with its 95% bootstrap interval, ``<key>_lo``/``<key>_hi``), the
+full Markdown table the schema's ``study`` columns, so a new metric column appears here without
+touching this module. :func:`paired_differences` gives, for each attack, the difference in Dice
+between every two variants on the same cases with a paired bootstrap interval
+(:func:`volattack.metrics.statistics.paired_bootstrap_diff`); a difference whose interval
+contains 0 is printed ``(n.s.)``: the cases do not separate the two variants.
 """
 
 from __future__ import annotations
@@ -47,7 +51,8 @@ class ComparisonRow:
             return getattr(self, key)
         if key == "intensity_units":
             return self.units
-        v = self.values.get(key, default)
+        v = schema.row_value(self.values, key)
+        v = default if v is None else v
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             return default if v is None else v
         return float(v)
@@ -62,8 +67,9 @@ class ComparisonRow:
 
 def comparison_columns() -> list[str]:
     """Header of ``comparison.csv``: ``variant``, ``attack``, every scalar column of the schema
-    (``linf``/``rms`` in input units, ``*_units`` in the source unit), ``intensity_units``."""
-    return ["variant", "attack", *(c.key for c in schema.scalar_columns()), "intensity_units"]
+    (``linf``/``rms`` in input units, ``*_units`` in the source unit; each mean followed by
+    ``<key>_lo`` and ``<key>_hi``, its 95% bootstrap interval), ``intensity_units``."""
+    return ["variant", "attack", *schema.csv_keys(), "intensity_units"]
 
 
 def comparison_rows(results: Mapping[str, Mapping[str, Any]]) -> list[ComparisonRow]:
@@ -98,13 +104,15 @@ def _attack_order(rows: Sequence[ComparisonRow]) -> list[str]:
 
 def dice_table(rows: Sequence[ComparisonRow]) -> str:
     """Markdown pivot of :func:`comparison_rows`: one line per variant, one column per attack
-    configuration (``clean`` first), mean foreground Dice in each cell."""
+    configuration (``clean`` first), mean foreground Dice and its 95% bootstrap interval over
+    cases in each cell (``0.541 [0.498, 0.583]``)."""
     attacks = _attack_order(rows)
     variants = list(dict.fromkeys(r.variant for r in rows))
-    cell = {(r.variant, r.attack): r.get("adv_dice") for r in rows}
+    col = schema.get_column("adv_dice")
+    cell = {(r.variant, r.attack): schema.with_interval(col, r.values) for r in rows}
     lines = ["| Variant | " + " | ".join(attacks) + " |", "|---|" + "---|" * len(attacks)]
     for v in variants:
-        lines.append(f"| {v} | " + " | ".join(_fmt(cell.get((v, a))) for a in attacks) + " |")
+        lines.append(f"| {v} | " + " | ".join(cell.get((v, a), "–") for a in attacks) + " |")
     return "\n".join(lines)
 
 
@@ -168,6 +176,97 @@ def comparison_figure(rows: Sequence[ComparisonRow], path: Union[str, "os.PathLi
     return atomic_write_bytes(buf.getvalue(), path, suffix=".png")
 
 
+def _per_case(res: Mapping[str, Any], attack: str) -> dict[str, Any]:
+    """Case id -> the case's Dice in row ``attack`` (``clean``: the clean Dice)."""
+    out = {}
+    for c in res.get("cases") or []:
+        row = c.get("clean") if attack == "clean" else (c.get("attacks") or {}).get(attack)
+        if row is not None:
+            out[str(c["case"])] = row.get("dice", row.get("adv_dice"))
+    return out
+
+
+def paired_differences(results: Mapping[str, Mapping[str, Any]], key: str = "adv_dice") -> list[dict[str, Any]]:
+    """For every attack (``clean`` first) and every two variants ``a`` before ``b``: the mean over
+    the cases both evaluated of ``Dice_b - Dice_a``, with its paired 95% bootstrap interval.
+
+    Args:
+        results: variant name -> results (``cases`` with per-case Dice, as written by the runner).
+        key: only ``"adv_dice"`` (the row's Dice; the clean row's is the clean Dice).
+
+    Returns:
+        ``{"attack", "a", "b", "diff", "lo", "hi", "n", "significant"}`` per attack x pair;
+        ``significant``: the interval excludes 0.
+    """
+    from volattack.metrics.statistics import paired_bootstrap_diff
+
+    if key != "adv_dice":
+        raise ValueError(f"key must be 'adv_dice', got {key!r}.")
+    names = list(results)
+    attacks = _attack_order(comparison_rows(results))
+    out = []
+    for attack in attacks:
+        per = {n: _per_case(results[n], attack) for n in names}
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                common = [c for c in per[a] if c in per[b]]
+                if not common:
+                    continue
+                d = paired_bootstrap_diff([_num(per[b][c]) for c in common], [_num(per[a][c]) for c in common])
+                out.append({"attack": attack, "a": a, "b": b, "diff": d.value, "lo": d.lo, "hi": d.hi, "n": d.n,
+                            "significant": d.excludes_zero()})
+    return out
+
+
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
+def format_difference(d: Mapping[str, Any]) -> str:
+    """``+0.005 [-0.010, 0.021] (n.s.)``: a difference, its interval, and ``(n.s.)`` when the
+    interval contains 0 (or cannot be computed: ``(n.s., n=1)``)."""
+    if d["diff"] is None or math.isnan(d["diff"]):
+        return "–"
+    if math.isnan(d["lo"]) or math.isnan(d["hi"]):
+        return f"{d['diff']:+.3f} (n.s., n={d['n']})"
+    return f"{d['diff']:+.3f} [{d['lo']:+.3f}, {d['hi']:+.3f}]" + ("" if d["significant"] else " (n.s.)")
+
+
+def differences_table(diffs: Sequence[Mapping[str, Any]]) -> str:
+    """Markdown: one line per attack, one column per variant pair ``b − a``, cells of :func:`format_difference`."""
+    pairs = list(dict.fromkeys((d["a"], d["b"]) for d in diffs))
+    attacks = list(dict.fromkeys(d["attack"] for d in diffs))
+    cell = {(d["attack"], d["a"], d["b"]): d for d in diffs}
+    lines = ["| Attack | " + " | ".join(f"{b} − {a}" for a, b in pairs) + " |", "|---|" + "---|" * len(pairs)]
+    for at in attacks:
+        lines.append(f"| {at} | " + " | ".join(format_difference(cell[(at, a, b)]) if (at, a, b) in cell else "–"
+                                                for a, b in pairs) + " |")
+    return "\n".join(lines)
+
+
+def differences_lines(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The study's section of paired differences between variants (empty with one variant)."""
+    diffs = paired_differences(results)
+    if not diffs:
+        return []
+    return ["## Differences between variants (paired over the same cases)", "",
+            "Each cell: mean over the cases of Dice(b) − Dice(a) for the column's variants b − a, with its paired "
+            "95% bootstrap interval (2000 resamples of the cases, the same cases for both variants); `(n.s.)`: the "
+            "interval contains 0, so these cases do not separate the two variants.", "",
+            differences_table(diffs), ""]
+
+
+def attacks_table(results: Mapping[str, Any]) -> str:
+    """Markdown list of the evaluated attack configurations with all their parameters."""
+    from volattack.evaluation.config import format_number
+
+    lines = ["| Label | Attack | Parameters |", "|---|---|---|"]
+    for a in results.get("attacks") or []:
+        params = ", ".join(f"{k}={format_number(v, k)}" for k, v in (a.get("params") or {}).items())
+        lines.append(f"| {a['label']} | {a['name']} | {params or 'defaults'} |")
+    return "\n".join(lines)
+
+
 def sanity_lines(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
     """The study's sanity section: each variant's warnings, or that it has none."""
     sanity = {name: r["sanity"] for name, r in results.items() if r.get("sanity") is not None}
@@ -193,5 +292,6 @@ def failed_lines(results: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return lines + [""]
 
 
-__all__ = ["ComparisonRow", "comparison_columns", "comparison_csv", "comparison_figure", "comparison_rows",
-           "dice_table", "failed_lines", "full_table", "sanity_lines"]
+__all__ = ["ComparisonRow", "attacks_table", "comparison_columns", "differences_lines", "comparison_csv", "comparison_figure", "comparison_rows",
+           "dice_table", "differences_table", "failed_lines", "format_difference", "full_table", "paired_differences",
+           "sanity_lines"]

@@ -1,9 +1,14 @@
 """Human-readable reports of evaluation results: Markdown table and CSV.
 
 ``report.md`` holds the robustness table (one row per attack configuration; the ``report``
-columns of the results schema, :mod:`volattack.evaluation.columns`), per-class Dice, and the
+columns of the results schema, :mod:`volattack.evaluation.columns`), a second table with the
+Dice columns and the robust rate as ``0.541 [0.498, 0.583]`` (mean and 95% bootstrap interval
+over cases, with the number of cases behind each; kept apart so that the main table stays
+readable), per-class Dice with intervals, the drops stratified by organ size, and the
 definition of every column, so the report can be read on its own; ``results.csv`` holds every
-scalar column as raw numbers. Sizes in model-input units print as ``k/255`` only when the input
+scalar column as raw numbers, each mean followed by ``<key>_lo`` and ``<key>_hi``. Every
+evaluation also writes its robustness card ``robustness.json``
+(:mod:`volattack.evaluation.card`). Sizes in model-input units print as ``k/255`` only when the input
 range (``results["bounds"]``) has width 1.
 Perturbation sizes in source units are labelled with ``results["intensity_units"]`` (the
 config's ``data.preprocess.units``: ``"HU"`` for CT, e.g. ``"a.u."`` for MRI; ``"HU"`` when
@@ -23,6 +28,10 @@ from volattack.evaluation import columns as schema
 from volattack.evaluation.columns import DEFAULT_UNITS, FormatContext
 from volattack.evaluation.records import Row, Summary
 from volattack.utils import atomic_write_text
+
+
+#: how every interval is computed, as the reports state it
+BOOT_TEXT = "2000 resamples, seed 0"
 
 
 def units_of(results: dict[str, Any]) -> str:
@@ -52,8 +61,36 @@ def markdown_table(results: dict[str, Any]) -> str:
                                  format_context(results))
 
 
+#: the columns of the interval table (:func:`interval_table`)
+INTERVAL_KEYS = ("clean_dice", "adv_dice", "dice_drop", "robust_rate")
+
+
+def interval_table(results: dict[str, Any]) -> str:
+    """The Dice columns and the robust rate of every row as ``mean [lo, hi]`` (95% percentile
+    bootstrap over cases), with ``n``, the cases behind the adversarial Dice's interval (a cell
+    resting on another number of cases says ``(n=k)``)."""
+    rows = table_rows(results)
+    ctx = format_context(results)
+    cols = [schema.get_column(k) for k in INTERVAL_KEYS]
+    lines = ["| Attack | n | " + " | ".join(c.heading(ctx.units) for c in cols) + " |",
+             "|" + "---|" * (len(cols) + 2)]
+    for r in rows:
+        n = r.get("adv_dice" + schema.N_SUFFIX)
+        cells = []
+        for c in cols:
+            if c.key not in r.values:
+                cells.append("–")
+                continue
+            text = schema.with_interval(c, r.values, ctx)
+            cn = r.get(c.key + schema.N_SUFFIX)
+            cells.append(text + (f" (n={cn})" if cn is not None and cn != n else ""))
+        lines.append(f"| {r.label} | {'–' if n is None else n} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def per_class_table(results: dict[str, Any]) -> str:
-    """Mean Dice per foreground class, clean and per attack, as Markdown."""
+    """Mean Dice per foreground class, clean and per attack, as Markdown (with the 95% bootstrap
+    interval over cases when the results have one)."""
     summ = Summary.from_dict(results["summary"])
     col = schema.get_column("dice_per_class")
     k = len(summ.clean.get("dice_per_class") or [])
@@ -61,24 +98,50 @@ def per_class_table(results: dict[str, Any]) -> str:
     heads = [names.get(str(c), f"class {c}") for c in range(1, k + 1)]
     lines = ["| Attack | " + " | ".join(heads) + " |", "|" + "---|" * (k + 1)]
     for r in [summ.clean, *summ.attacks.values()]:
-        lines.append(f"| {r.label} | " + " | ".join(col.format(v) for v in r.get("dice_per_class") or []) + " |")
+        cis = r.get("dice_per_class" + schema.CI_SUFFIX) or []
+        cells = [schema.with_interval(col, {col.key: v, col.key + schema.CI_SUFFIX: cis[j] if j < len(cis) else None})
+                 for j, v in enumerate(r.get("dice_per_class") or [])]
+        lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def size_table(results: dict[str, Any]) -> list[str]:
+    """The report section of the drops stratified by organ size (empty without ground-truth volumes)."""
+    from volattack.evaluation.summary import SIZE_BINS_ML, organ_size_strata
+
+    strata = organ_size_strata(results.get("cases") or [], list(results["summary"].get("attacks") or {}))
+    if not strata:
+        return []
+    lo, hi = SIZE_BINS_ML
+    d = schema.get_column("dice_drop")
+    lines = ["## Dice drop by organ size", "",
+             f"Each (case, class) pair with the class present is binned by the class's ground-truth volume in that "
+             f"case: small < {lo:g} mL, medium {lo:g}–{hi:g} mL, large ≥ {hi:g} mL. Drop: mean over the pairs "
+             "of clean − adversarial class Dice with its 95% bootstrap interval over the pairs; n: pairs.", "",
+             "| Attack | Size | n | Clean Dice | Adv Dice | Drop |", "|---|---|---|---|---|---|"]
+    for s in strata:
+        drop = schema.with_interval(d, {"dice_drop": s["drop"], "dice_drop_ci": s["drop_ci"]})
+        lines.append(f"| {s['attack']} | {s['size']} | {s['n']} | {d.format(s['clean_dice'])} | "
+                     f"{d.format(s['adv_dice'])} | {drop} |")
+    return lines + [""]
 
 
 def csv_text(results: dict[str, Any]) -> str:
     """The robustness table as CSV (raw numbers).
 
     Header: ``attack``, the key of every scalar column of the schema (stable for scripts;
-    ``linf``/``rms`` in input units, ``linf_units``/``rms_units`` in source units), then
+    ``linf``/``rms`` in input units, ``linf_units``/``rms_units`` in source units), each mean
+    followed by ``<key>_lo`` and ``<key>_hi`` (:func:`~volattack.evaluation.columns.csv_keys`), then
     ``intensity_units``, whose value on every row names those source units (e.g. ``HU``, ``a.u.``).
     """
     buf = io.StringIO()
     w = csv.writer(buf)
     units = units_of(results)
-    cols = schema.scalar_columns()
-    w.writerow(["attack", *(c.key for c in cols), "intensity_units"])
+    keys = schema.csv_keys()
+    w.writerow(["attack", *keys, "intensity_units"])
     for r in table_rows(results):
-        w.writerow([r.label, *("" if r.get(c.key) is None else r.get(c.key) for c in cols), units])
+        vals = [schema.row_value(r.values, k) for k in keys]
+        w.writerow([r.label, *("" if v is None else v for v in vals), units])
     return buf.getvalue()
 
 
@@ -144,10 +207,18 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
         "",
         markdown_table(results),
         "",
+        "## Intervals (95% bootstrap over cases)",
+        "",
+        f"Mean [lo, hi]: percentile bootstrap over the cases ({BOOT_TEXT}); n: cases behind each interval. "
+        "With so few cases an interval is wide: two rows whose intervals overlap are not shown to differ.",
+        "",
+        interval_table(results),
+        "",
         "## Dice per class",
         "",
         per_class_table(results),
         "",
+        *size_table(results),
     ]
     if results.get("sanity") is not None:
         lines += ["## Sanity checks against gradient masking", ""]
@@ -161,4 +232,7 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
         lines += ["## Figures", ""] + [f"![{Path(f).stem}]({f})" for f in figs] + [""]
     lines += ["## Definitions", "", schema.metrics_markdown(units_of(results))]
     atomic_write_text(out / "results.csv", csv_text(results))
+    from volattack.evaluation.card import write_card
+
+    write_card(results, out)
     return atomic_write_text(out / "report.md", "\n".join(lines))

@@ -13,6 +13,12 @@ Carlini et al., "On Evaluating Adversarial Robustness", 2019):
    would pit the noise against attacks 4.5 times its typical size and pass almost always.
 4. ``zero_gradients``: the fraction of input voxels with an exactly-zero loss gradient at the
    clean input is small (<= 0.05); a large fraction signals masked gradients.
+5. ``blackbox``: each black-box ``square`` entry (Andriushchenko et al., ECCV 2020; added at the
+   strongest white-box L-inf eps by ``evaluate.sanity_blackbox_queries``, or configured) against
+   the best white-box L-inf attack at the same eps: a gradient-free attack that lowers Dice more
+   than every gradient-based one at the same budget means the gradients mislead, i.e. likely
+   gradient masking (the AutoAttack check, Croce and Hein, ICML 2020). The detail gives the
+   paired difference of the case Dice with its 95% bootstrap interval.
 """
 
 from __future__ import annotations
@@ -27,6 +33,12 @@ from volattack.evaluation.records import CaseRecord, Summary
 MONOTONE_TOL = 0.01
 UNBOUNDED_MAX_DICE = 0.1
 ZERO_GRAD_MAX = 0.05
+#: query-based (gradient-free) attacks of the black-box check
+BLACKBOX_ATTACKS = ("square",)
+#: attacks that are neither white- nor black-box optimisers (random noise)
+NOISE_ATTACKS = ("gn",)
+#: relative tolerance of "the same eps"
+EPS_RTOL = 1e-6
 
 
 def _mean(vals: list[Any]) -> float:
@@ -85,8 +97,56 @@ def _beats_noise(summ: Summary, names: dict[str, str], ctx: FormatContext) -> li
     return out
 
 
+def _same_eps(a: Any, b: Any) -> bool:
+    return isinstance(a, (int, float)) and isinstance(b, (int, float)) and abs(a - b) <= EPS_RTOL * max(abs(a), abs(b), 1e-12)
+
+
+def whitebox_linf(attacks: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The white-box L-inf entries of ``results["attacks"]``: an L-inf budget, not black-box, not noise."""
+    return [a for a in attacks if a.get("linf_budget") and a["name"] not in BLACKBOX_ATTACKS + NOISE_ATTACKS]
+
+
+def _case_dice(cases: Sequence[CaseRecord], label: str) -> list[Any]:
+    return [c.attacks[label].get("adv_dice") if label in c.attacks else None for c in cases]
+
+
+def _blackbox(summ: Summary, results: dict[str, Any], cases: Sequence[CaseRecord]) -> list[dict[str, str]]:
+    """Each black-box entry against the best white-box L-inf attack at the same eps (check 5)."""
+    attacks = [a for a in results.get("attacks") or [] if a["label"] in summ.attacks]
+    boxes = [a for a in attacks if a["name"] in BLACKBOX_ATTACKS]
+    if not boxes:
+        return [{"check": "blackbox", "status": "n/a", "detail": "no black-box attack (set evaluate."
+                 "sanity_blackbox_queries > 0, or add a 'square' entry at the eps of a white-box attack)"}]
+    from volattack.metrics.statistics import paired_bootstrap_diff
+
+    out = []
+    for b in boxes:
+        eps = (b.get("params") or {}).get("eps")
+        rivals = [(summ.attacks[a["label"]].get("adv_dice"), a["label"]) for a in whitebox_linf(attacks)
+                  if _same_eps((a.get("params") or {}).get("eps"), eps)]
+        rivals = [r for r in rivals if isinstance(r[0], (int, float)) and not math.isnan(r[0])]
+        if not rivals:
+            out.append({"check": "blackbox", "status": "n/a",
+                        "detail": f"no white-box L-inf attack at the eps of {b['label']} ({format_number(eps, 'eps')})"})
+            continue
+        best_dice, best = min(rivals)
+        dice = _num(summ.attacks[b["label"]].get("adv_dice"), math.nan)
+        d = paired_bootstrap_diff(_case_dice(cases, b["label"]), _case_dice(cases, best))
+        masked = dice < best_dice
+        verdict = ("lowers Dice more than every white-box attack at that budget: likely gradient masking"
+                   if masked else "lowers Dice no more than the best white-box attack: no sign of gradient masking")
+        out.append({
+            "check": "blackbox",
+            "status": "warn" if masked else "ok",
+            "detail": f"{b['label']} Dice {dice:.3f} vs the best white-box attack at eps {format_number(eps, 'eps')}, "
+                      f"{best} Dice {best_dice:.3f} (black − white {d.value:+.3f} [{d.lo:+.3f}, {d.hi:+.3f}], "
+                      f"n={d.n}): the black-box attack {verdict}",
+        })
+    return out
+
+
 def sanity_checks(results: dict[str, Any], specs: Sequence[AttackSpec]) -> list[dict[str, str]]:
-    """Evaluate the four checks on ``results`` (as built by the runner: ``summary``, ``cases``,
+    """Evaluate the five checks on ``results`` (as built by the runner: ``summary``, ``cases``,
     ``attacks``, and ``bounds`` for printing sizes).
 
     Returns:
@@ -117,4 +177,4 @@ def sanity_checks(results: dict[str, Any], specs: Sequence[AttackSpec]) -> list[
             "status": "ok" if m <= ZERO_GRAD_MAX else "warn",
             "detail": f"mean fraction of exactly-zero input gradients {m:.4f} (expected <= {ZERO_GRAD_MAX})",
         })
-    return out
+    return out + _blackbox(summ, results, cases)
