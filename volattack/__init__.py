@@ -32,6 +32,7 @@ _LAZY = {
     "load_model": "volattack.models.sources",
     "LoadedModel": "volattack.models.sources",
     "evaluate": "volattack.evaluation.runner",
+    "certify": "volattack.defenses.smoothing",
     "make_phantom_dataset": "volattack.data.phantoms",
     "generate_phantom": "volattack.data.phantoms",
 }

@@ -219,3 +219,22 @@ def test_without_validation_split_best_is_final_model(data: DataConfig, tmp_path
     assert all(torch.equal(best[k], last[k]) for k in last)
     log = json.loads((tmp_path / "run" / "train_log.json").read_text())
     assert log["best_dice"] is None and log["history"][0]["val_dice"] is None
+
+
+def test_train_hands_noise_sigma_and_the_bounds_to_every_epoch(data: DataConfig, tmp_path: Path, monkeypatch) -> None:
+    import volattack.training.loop as loop
+
+    seen: list[dict] = []
+
+    class Stop(Exception):
+        pass
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        raise Stop
+
+    monkeypatch.setattr(loop, "train_epoch", spy)
+    with pytest.raises(Stop):
+        train(MODEL, replace(TRAIN, noise_sigma=0.05), data, tmp_path / "run", seed=0, progress=False)
+    pre = data.preprocess
+    assert seen[0]["noise_sigma"] == 0.05 and seen[0]["bounds"] == (pre.b_min, pre.b_max)

@@ -1,10 +1,12 @@
-"""Configuration of adversarial training (:class:`AdversaryConfig`) and of input-transform
-defences (:class:`TransformSpec`, :class:`DefenseConfig`); light: no torch/MONAI import."""
+"""Configuration of adversarial training (:class:`AdversaryConfig`), of input-transform
+defences (:class:`TransformSpec`, :class:`DefenseConfig`) and of certification by randomized
+smoothing (:class:`CertifyConfig`); light: no torch/MONAI import."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 
 @dataclass
@@ -168,3 +170,85 @@ class DefenseConfig:
         n = self.eot_samples
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"eot_samples must be an integer >= 1, got {n!r}.")
+
+
+# ---------------------------------------------------------------------- certification
+
+#: how an abstained voxel enters the certified Dice (see ``volattack.defenses.smoothing.certified_dice``)
+ABSTAIN_RULES: tuple[str, ...] = ("miss", "worst")
+
+
+def check_certify_params(sigma: Any, n0: Any, n: Any, alpha: Any, tau: Any, batch: Any = 1,
+                         prefix: str = "") -> None:
+    """Check the parameters of randomized-smoothing certification (SegCertify, Fischer, Baader &
+    Vechev, ICML 2021) before any work: ``sigma > 0`` (input units), ``n0, n >= 1`` noise samples,
+    ``alpha`` in (0, 1) (family-wise error rate), ``tau`` in (0.5, 1) (the probability a class must
+    exceed; the radius ``sigma * Phi^-1(tau)`` is positive only above 0.5), ``batch >= 1``.
+
+    Args:
+        sigma, n0, n, alpha, tau, batch: as in ``volattack.certify``.
+        prefix: prepended to the parameter names in the messages (``"certify."`` for the config).
+
+    Raises:
+        ValueError: naming the parameter and the bad value, e.g. ``"tau must be in (0.5, 1), got 1.0."``.
+    """
+    def real(v: Any) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def count(v: Any) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+    if not real(sigma) or sigma <= 0:
+        raise ValueError(f"{prefix}sigma must be a number > 0 (noise std in input units), got {sigma!r}.")
+    for name, v in (("n0", n0), ("n", n), ("batch", batch)):
+        if not count(v):
+            raise ValueError(f"{prefix}{name} must be an integer >= 1, got {v!r}.")
+    if not real(alpha) or not 0 < alpha < 1:
+        raise ValueError(f"{prefix}alpha must be in (0, 1), got {alpha!r}.")
+    if not real(tau) or not 0.5 < tau < 1:
+        raise ValueError(f"{prefix}tau must be in (0.5, 1), got {tau!r}.")
+
+
+@dataclass
+class CertifyConfig:
+    """The ``evaluate.certify`` section: certified Dice by randomized smoothing (SegCertify,
+    Fischer, Baader & Vechev, ICML 2021), one row ``certified(sigma=s)`` per case and noise level.
+
+    Attributes:
+        sigma: noise standard deviation(s) in model-input units (one number or a list; fractions
+            such as ``"8/255"`` accepted), each > 0; every value gives one row.
+        n0: noise samples that select each voxel's class (>= 1).
+        n: further samples that estimate its probability (>= 1); a case costs ``n0 + n``
+            sliding-window passes per sigma.
+        alpha: family-wise error rate of the Holm-corrected binomial tests over the voxels, in (0, 1).
+        tau: probability threshold in (0.5, 1); the certified L2 radius is ``sigma * Phi^-1(tau)``.
+        batch: noisy copies per inference call (>= 1; memory grows with it).
+        abstain: how abstained voxels enter the certified Dice: ``"miss"`` (a false negative of
+            their true class) or ``"worst"`` (also a false positive of every other foreground class:
+            a lower bound on the Dice of any labelling of them).
+
+    Raises:
+        ValueError: a bad value, naming ``certify.<field>`` and the value.
+    """
+
+    sigma: Union[float, list[float]] = field(default_factory=lambda: [0.06, 0.12, 0.25])
+    n0: int = 100
+    n: int = 1000
+    alpha: float = 1e-4
+    tau: float = 0.75
+    batch: int = 8
+    abstain: str = "miss"
+
+    def __post_init__(self) -> None:
+        from volattack.checks import check_choice, parse_number
+
+        sig = self.sigma if isinstance(self.sigma, (list, tuple)) else [self.sigma]
+        sig = [parse_number(s, "certify.sigma") for s in sig]
+        if not sig:
+            raise ValueError("certify.sigma must list at least one noise level, got [].")
+        if len(set(sig)) != len(sig):
+            raise ValueError(f"certify.sigma must not repeat a value, got {sig!r}.")
+        for s in sig:
+            check_certify_params(s, self.n0, self.n, self.alpha, self.tau, self.batch, prefix="certify.")
+        self.sigma = [float(s) for s in sig]
+        check_choice("certify.abstain", self.abstain, ABSTAIN_RULES)

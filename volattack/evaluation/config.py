@@ -7,6 +7,8 @@ from typing import Any, Optional
 
 from volattack.checks import parse_number
 from volattack.defenses.config import DEFENSE_BPDA, DefenseConfig, TransformSpec  # noqa: F401  (moved)
+from volattack.defenses.config import CertifyConfig  # evaluate.certify
+from volattack.evaluation.extra_config import CorruptionConfig, MatchConfig  # evaluate.corruptions, match
 
 #: parameters whose values are intensity budgets (printed as ``k/255`` when they are multiples)
 BUDGET_KEYS = ("eps", "alpha", "sigma")
@@ -48,6 +50,17 @@ def format_number(v: Any, key: Optional[str] = None) -> str:
     return str(v)
 
 
+#: attack presets: a preset name in ``evaluate.attacks`` expands at load to an attack with these
+#: settings (the config's own params override them), and its rows keep the preset's name.
+#: ``reliable``: SEA (Croce, Singh, Hein, ECCV 2024) as published: APGD on each of its four losses
+#: (masked CE, class-balanced masked CE, Jensen-Shannon divergence, masked spherical), 300
+#: iterations per loss with progressive radius reduction, L-inf, worst case per case over the losses.
+PRESETS: dict[str, tuple[str, dict[str, Any]]] = {
+    "reliable": ("sea", {"norm": "linf", "steps": 300,
+                         "losses": ["masked_ce", "balanced_masked_ce", "jsd", "masked_spherical"]}),
+}
+
+
 @dataclass
 class AttackSpec:
     """One attack and its parameters; ``sweep`` lists values of one or more parameters, each value
@@ -56,13 +69,25 @@ class AttackSpec:
     Numbers may be written as fractions (``"8/255"``). Parameters are validated by the attack;
     those of :data:`RESERVED_ATTACK_PARAMS` (target labels, masks, inferers: Python-only; bounds,
     unit scale, seeds: set by the evaluation) are rejected here, with the reason.
+
+    A name of :data:`PRESETS` expands here: ``{name: reliable, params: {eps: 4/255}}`` becomes the
+    ``sea`` attack with the preset's settings plus ``eps``, ``preset`` keeps ``"reliable"``, and the
+    label shows the preset and the parameters that differ from its settings: ``reliable(eps=4/255)``.
     """
 
     name: str = "pgd"
     params: dict[str, Any] = field(default_factory=dict)
     sweep: dict[str, list[Any]] = field(default_factory=dict)
+    preset: Optional[str] = None
 
     def __post_init__(self) -> None:
+        if self.name in PRESETS:
+            self.preset = self.name
+        if self.preset is not None:
+            if self.preset not in PRESETS:
+                raise ValueError(f"preset must be one of {sorted(PRESETS)} or None, got {self.preset!r}.")
+            self.name, defaults = PRESETS[self.preset]
+            self.params = {**self.params, **{k: v for k, v in defaults.items() if k not in self.params}}
         for k, v in self.params.items():
             _check_attack_param(k, "params", v)
         for k, v in self.sweep.items():
@@ -90,10 +115,16 @@ class AttackSpec:
         return out
 
     def label(self, shown: dict[str, Any]) -> str:
+        """``name(k=v, ...)`` of the parameters ``shown``; a preset's label names the preset and
+        omits the parameters equal to its settings."""
+        name = self.name
+        if self.preset is not None:
+            name, defaults = self.preset, PRESETS[self.preset][1]
+            shown = {k: v for k, v in shown.items() if not (k in defaults and defaults[k] == v)}
         if not shown:
-            return self.name
+            return name
         inner = ", ".join(f"{k}={format_number(v, k)}" for k, v in shown.items())
-        return f"{self.name}({inner})"
+        return f"{name}({inner})"
 
 THREAT_MODELS = ("volume", "patch")
 
@@ -142,6 +173,11 @@ class EvalConfig:
         sanity_checks: gradient-masking checks in every report (Dice non-increasing with the
             budget, unbounded PGD, attacks versus noise, zero-gradient fraction).
         sanity_unbounded_steps: steps of the unbounded PGD check (0 skips that check).
+        sanity_blackbox_queries: queries of the black-box check (0, default: off, runs stay fast):
+            a ``square`` attack (Andriushchenko et al., ECCV 2020) at the strongest white-box L-inf
+            eps of ``attacks`` is added to the attacks; the report flags likely gradient masking
+            when it lowers Dice more than the best white-box attack at that eps (a ``square``
+            entry of ``attacks`` at a white-box eps is checked the same way without this option).
         figures: write PNG figures (Dice versus budget, triplanar panels).
         figure_cases: number of cases that get a triplanar panel.
         defense: input-transform defence in front of the model and the adaptive attack against
@@ -163,14 +199,24 @@ class EvalConfig:
     save_pred: bool = False
     sanity_checks: bool = True
     sanity_unbounded_steps: int = 10
+    sanity_blackbox_queries: int = 0
     figures: bool = True
     figure_cases: int = 1
     device: str = "auto"
     defense: Optional[DefenseConfig] = None
+    certify: Optional[CertifyConfig] = None
+    corruptions: Optional[CorruptionConfig] = None
+    match: Optional[MatchConfig] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.defense, dict):
             self.defense = DefenseConfig(**self.defense)
+        if isinstance(self.certify, dict):
+            self.certify = CertifyConfig(**self.certify)
+        if isinstance(self.corruptions, dict):
+            self.corruptions = CorruptionConfig(**self.corruptions)
+        if isinstance(self.match, dict):
+            self.match = MatchConfig(**self.match)
         if self.defense is not None and not isinstance(self.defense, DefenseConfig):
             raise ValueError(f"defense must be a DefenseConfig, a mapping or None, got {self.defense!r}.")
         if self.threat_model not in THREAT_MODELS:
@@ -179,6 +225,8 @@ class EvalConfig:
             raise ValueError(f"patch_overlap must be in [0, 1), got {self.patch_overlap}.")
         if self.patch_size is not None and (len(self.patch_size) != 3 or min(self.patch_size) < 1):
             raise ValueError(f"patch_size must be 3 positive integers, got {self.patch_size}.")
+        if self.sanity_blackbox_queries < 0:
+            raise ValueError(f"sanity_blackbox_queries must be >= 0, got {self.sanity_blackbox_queries}.")
         if self.sanity_unbounded_steps < 0:
             raise ValueError(f"sanity_unbounded_steps must be >= 0, got {self.sanity_unbounded_steps}.")
         if self.figure_cases < 0:

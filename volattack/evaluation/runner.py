@@ -236,6 +236,7 @@ def evaluate(
         surrogate=None if surrogate is None else (surrogate_digest or module_digest(surrogate)),
         surrogate_info=surrogate_info)
     cases = list(cases)[: eval_cfg.max_cases] if eval_cfg.max_cases else list(cases)
+    passes.cases = cases  # every case of the split, for row passes that calibrate over the dataset
     mine = [(i, c) for i, c in enumerate(cases) if i % dist_ctx.world == dist_ctx.rank]
     t_start = time.perf_counter()
     done, failed = _run_cases(passes, mine, CaseCache(out / "cases"), run_parts, progress and dist_ctx.rank == 0)

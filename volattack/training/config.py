@@ -74,6 +74,10 @@ class TrainConfig:
         adversary: adversarial training (:class:`~volattack.defenses.config.AdversaryConfig`):
             ``name: none`` trains clean; ``pgd``, ``fgsm_rs``, ``vafa`` (+ ``fr_weight`` for VAFT),
             ``sa2`` or any registered attack with its ``params``.
+        noise_sigma: Gaussian noise augmentation (finite, >= 0; 0 turns it off): every training
+            crop gets ``clamp(x + N(0, noise_sigma^2 I), b_min, b_max)`` in model-input units before
+            the model (or the adversary) sees it, so that the model can be certified by randomized
+            smoothing at that sigma (Cohen, Rosenfeld & Kolter, ICML 2019; ``volattack.certify``).
     """
 
     epochs: int = 50
@@ -90,6 +94,7 @@ class TrainConfig:
     init_checkpoint: Optional[str] = None
     device: Optional[str] = None
     adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
+    noise_sigma: float = 0.0
 
     def __post_init__(self) -> None:
         self.validate()
@@ -126,6 +131,8 @@ class TrainConfig:
             raise ValueError(
                 f"train.device must be 'auto', 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}."
             )
+        if not is_finite_number(self.noise_sigma) or self.noise_sigma < 0:
+            raise ValueError(f"train.noise_sigma must be a finite number >= 0 (input units), got {self.noise_sigma!r}.")
         if not isinstance(self.adversary, AdversaryConfig):
             raise ValueError(f"train.adversary must be an AdversaryConfig, got {type(self.adversary).__name__}.")
 

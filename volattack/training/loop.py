@@ -319,7 +319,8 @@ class _Run:
                 attack=self.attack, adv_cfg=cfg.adversary,
                 lr_at=lambda it: scheduled_lr(cfg.lr, cfg.lr_schedule, first_step + it, total_steps),
                 amp_dtype=self.amp_dtype, scaler=self.scaler, seed=rseed,
-                rank=ctx.rank, world_size=ctx.world,
+                rank=ctx.rank, world_size=ctx.world, noise_sigma=cfg.noise_sigma,
+                bounds=(float(self.data_cfg.preprocess.b_min), float(self.data_cfg.preprocess.b_max)),
             )
         # mean over every rank's steps (the same on all ranks)
         total = all_sum(ctx, torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=device))

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.nn as nn
@@ -13,6 +13,10 @@ from volattack.training.data import as_tensor
 
 #: the attack call of step ``it`` of an epoch with base seed ``s`` uses seed ``s * STEP_SEED_STRIDE + it``
 STEP_SEED_STRIDE = 100_003
+
+#: third entry of ``seed_from(step seed, crop id, NOISE_STREAM)``: the noise-augmentation stream of a
+#: crop, distinct from the attack's (``seed_from(step seed, crop id)``, restarts ``(..., r)`` with small r)
+NOISE_STREAM = 0x6E6F697365
 
 
 def crop_sample_ids(first: int, n: int, rank: int = 0, world_size: int = 1) -> list[int]:
@@ -35,6 +39,38 @@ def crop_sample_ids(first: int, n: int, rank: int = 0, world_size: int = 1) -> l
     return [(first + b) * world_size + rank for b in range(n)]
 
 
+def noise_crops(image: torch.Tensor, sigma: float, seed: int, sample_ids: Sequence[int],
+                bounds: Optional[tuple[float, float]] = None) -> torch.Tensor:
+    """Gaussian noise augmentation of training crops (Cohen, Rosenfeld & Kolter, ICML 2019): crop
+    ``b`` becomes ``clamp(x_b + sigma * e_b, lo, hi)``, ``e_b ~ N(0, I)`` drawn on the CPU from
+    ``seed_from(seed, sample_ids[b], NOISE_STREAM)``, so a crop's noise depends on the step seed
+    and its id only (not on its batch, rank or device) and a resumed epoch replays it.
+
+    Args:
+        image: crops ``(B, C, *spatial)`` in model-input units.
+        sigma: noise standard deviation in input units (0 returns ``image`` itself).
+        seed: the step's seed (``seed * STEP_SEED_STRIDE + it`` of :func:`train_epoch`).
+        sample_ids: B crop ids (:func:`crop_sample_ids`).
+        bounds: ``(lo, hi)`` intensity range to clamp into (``None``: no clamping).
+
+    Returns:
+        The noisy crops, shape, dtype and device of ``image``.
+    """
+    from volattack.ops import seed_from
+
+    if sigma == 0:
+        return image
+    if len(sample_ids) != image.shape[0]:
+        raise ValueError(f"sample_ids must have one id per crop ({image.shape[0]}), got {len(sample_ids)}.")
+    draws = []
+    for i in sample_ids:
+        g = torch.Generator(device="cpu")
+        g.manual_seed(seed_from(seed, int(i), NOISE_STREAM))
+        draws.append(torch.randn(tuple(image.shape[1:]), generator=g, dtype=torch.float32))
+    noisy = image + sigma * torch.stack(draws).to(device=image.device, dtype=image.dtype)
+    return noisy if bounds is None else noisy.clamp(float(bounds[0]), float(bounds[1]))
+
+
 def train_epoch(
     model: nn.Module,
     loader: Any,
@@ -50,6 +86,8 @@ def train_epoch(
     seed: int = 0,
     rank: int = 0,
     world_size: int = 1,
+    noise_sigma: float = 0.0,
+    bounds: Optional[tuple[float, float]] = None,
 ) -> list[float]:
     """One pass over ``loader``: per batch, the clean loss (``attack`` None) or
     :func:`~volattack.defenses.adversarial.adversarial_loss` (PGD-AT, fast AT, VAFT ...), backward
@@ -71,21 +109,24 @@ def train_epoch(
         lr_at: learning rate of the ``it``-th step of this epoch (None keeps the optimiser's).
         amp_dtype: autocast dtype of the training passes (None: no autocast).
         scaler: a ``torch.amp.GradScaler`` (None: plain backward and step).
-        seed: base seed of this epoch's attack calls: step ``it`` uses
+        seed: base seed of this epoch's attack calls and noise: step ``it`` uses
             ``seed * STEP_SEED_STRIDE + it`` and its crops the ids of :func:`crop_sample_ids`.
         rank: this rank (DDP), in [0, world_size).
         world_size: number of ranks (1 in a single process).
+        noise_sigma: ``train.noise_sigma``: Gaussian noise of this std (input units) on every crop
+            before the model or the adversary sees it (:func:`noise_crops`); 0: none.
+        bounds: ``(b_min, b_max)`` the noisy crops are clamped into (``None``: no clamping).
 
     Returns:
         The loss of every step, as floats.
 
     Raises:
-        ValueError: ``attack`` without ``adv_cfg``.
+        ValueError: ``attack`` without ``adv_cfg``; ``noise_sigma`` negative or not finite.
     """
-    from volattack.defenses.adversarial import adversarial_loss
-
     if attack is not None and adv_cfg is None:
         raise ValueError("adv_cfg (train.adversary) is required when an attack is given.")
+    if not (isinstance(noise_sigma, (int, float)) and 0 <= noise_sigma < float("inf")):
+        raise ValueError(f"noise_sigma must be a finite number >= 0, got {noise_sigma!r}.")
     losses: list[float] = []
     crops_seen = 0
     for it, batch in enumerate(loader):
@@ -95,14 +136,11 @@ def train_epoch(
                 group["lr"] = lr_now
         image = as_tensor(batch["image"]).to(device)
         label = as_tensor(batch["label"]).to(device).long()
+        ids = crop_sample_ids(crops_seen, image.shape[0], rank, world_size)
+        step_seed = seed * STEP_SEED_STRIDE + it
+        image = noise_crops(image, noise_sigma, step_seed, ids, bounds)
         optimizer.zero_grad(set_to_none=True)
-        if attack is None:
-            with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
-                loss = loss_fn(model(image), label)
-        else:  # examples crafted in eval mode, outside autocast; the attack restores train mode
-            ids = crop_sample_ids(crops_seen, image.shape[0], rank, world_size)
-            loss, _terms = adversarial_loss(model, image, label, attack, adv_cfg, loss_fn,
-                                            seed=seed * STEP_SEED_STRIDE + it, sample_ids=ids, amp_dtype=amp_dtype)
+        loss = _batch_loss(model, image, label, loss_fn, attack, adv_cfg, amp_dtype, step_seed, ids, device)
         crops_seen += image.shape[0]
         if scaler is not None:
             scaler.scale(loss).backward()
@@ -113,3 +151,18 @@ def train_epoch(
             optimizer.step()
         losses.append(float(loss.detach()))
     return losses
+
+
+def _batch_loss(model: nn.Module, image: torch.Tensor, label: torch.Tensor, loss_fn: nn.Module,
+                attack: Optional[Any], adv_cfg: Optional[AdversaryConfig], amp_dtype: Optional[torch.dtype],
+                step_seed: int, ids: list[int], device: torch.device) -> torch.Tensor:
+    """The training loss of one batch: clean, or adversarial (examples crafted in eval mode, outside
+    autocast; the attack restores train mode)."""
+    from volattack.defenses.adversarial import adversarial_loss
+
+    if attack is None:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
+            return loss_fn(model(image), label)
+    loss, _terms = adversarial_loss(model, image, label, attack, adv_cfg, loss_fn, seed=step_seed, sample_ids=ids,
+                                    amp_dtype=amp_dtype)
+    return loss
