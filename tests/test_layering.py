@@ -104,14 +104,12 @@ def test_the_checker_sees_a_backward_import(tmp_path, monkeypatch) -> None:
     (pkg / "metrics" / "x.py").write_text("def f():\n    from volattack.evaluation.runner import evaluate\n")
     (pkg / "data").mkdir()
     (pkg / "data" / "config.py").write_text("from volattack.models.zoo import create_model\n")
-    monkeypatch.setattr(__import__(__name__), "PACKAGE", pkg, raising=False)
     import sys
 
     monkeypatch.setattr(sys.modules[__name__], "PACKAGE", pkg)
     found = violations()
     assert len(found) == 2
-    assert "volattack.metrics.x (layer 5) imports volattack.evaluation.runner (layer 8)" in found[1] or \
-        "volattack.metrics.x (layer 5) imports volattack.evaluation.runner (layer 8)" in found[0]
+    assert any("volattack.metrics.x (layer 5) imports volattack.evaluation.runner (layer 8)" in v for v in found)
     assert any("config module volattack.data.config imports volattack.models.zoo" in v for v in found)
 
 

@@ -64,3 +64,17 @@ def module_digest(module: torch.nn.Module) -> str:
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
+
+
+def place_for_inference(module: torch.nn.Module, map_location: Any = None) -> torch.nn.Module:
+    """Move a freshly loaded network to ``map_location`` (when it names a device) and set eval mode.
+
+    ``torch.load``'s other forms of ``map_location`` (a callable, a dict) have already placed the
+    tensors while loading, so ``.to`` is skipped for them.
+    """
+    if map_location is not None:
+        try:
+            module.to(map_location)
+        except (TypeError, RuntimeError):  # callable / dict map_location: tensors already placed
+            pass
+    return module.eval()

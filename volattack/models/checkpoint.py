@@ -32,6 +32,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
+from volattack.ops import place_for_inference
 from volattack.data.config import PreprocessConfig
 from volattack.models.config import ModelConfig
 from volattack.utils import atomic_write_bytes
@@ -300,12 +301,7 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> tuple[nn.Modul
             f"Checkpoint {str(path)!r}: stored weights do not match model {_describe(info)}: {problems}."
         )
     model.load_state_dict(ckpt["state_dict"], strict=True)
-    if map_location is not None:
-        try:
-            model.to(map_location)
-        except (TypeError, RuntimeError):  # callables / dict map_locations: tensors already placed
-            pass
-    model.eval()
+    place_for_inference(model, map_location)
     meta = {k: v for k, v in ckpt.items() if k != "state_dict"}
     meta["path"] = str(path)
     logger.info("Loaded %s model from %s", info["name"], path)

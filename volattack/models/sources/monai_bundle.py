@@ -30,6 +30,7 @@ from typing import Any, Optional, Union
 import torch
 import torch.nn as nn
 
+from volattack.ops import place_for_inference
 from volattack.models.sources.base import (
     InferenceSpec,
     LoadedModel,
@@ -219,12 +220,7 @@ def load_bundle(
         )
     network = _build_network(bundle, config, network_key)
     _strict_load(network, _load_state(weights_pt, map_location), weights_pt)
-    if map_location is not None:
-        try:
-            network.to(map_location)
-        except (TypeError, RuntimeError):  # callable / dict map_location: tensors already placed
-            pass
-    network.eval()
+    place_for_inference(network, map_location)
     logger.info("Loaded bundle %s (%s, weights %s)", bundle, type(network).__name__, weights_pt)
     return network
 
