@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+import locale
+
 import pytest
 import torch
 from torch import nn
+
+
+@pytest.fixture(autouse=True)
+def _restore_locale():
+    """Tests that write DICOM fixtures with SimpleITK directly leave GDCM's ``LC_ALL=C`` behind,
+    which would make every later ``read_text()`` decode as ASCII. volattack's own DICOM entry
+    points restore the locale themselves (tests/data/test_dicom.py checks that)."""
+    saved = locale.setlocale(locale.LC_ALL)
+    yield
+    if locale.setlocale(locale.LC_ALL) != saved:
+        locale.setlocale(locale.LC_ALL, saved)
 
 
 class TinySeg(nn.Module):

@@ -231,3 +231,57 @@ def test_hd95_bad_spacing_and_rank() -> None:
         hd95(pred, label, 2, spacing=3.0)
     with pytest.raises(ValueError, match=r"2 or 3 spatial dimensions"):
         hd95(torch.zeros(2, 1, 5, dtype=torch.long), torch.zeros(2, 1, 5, dtype=torch.long), 2)
+
+
+# --------------------------------------------------------------------------- NSD
+
+
+def test_nsd_shifted_cubes_by_hand_in_mm() -> None:
+    from volattack.metrics.segmentation import nsd
+
+    # the cubes of test_hd95_shifted_cubes_anisotropic_spacing: boundary distances [1, 1, 1, 1, 2, 2, 2, 2]
+    # voxels from each side, so 8 of the 16 boundary voxels lie within 1 voxel of the other boundary
+    pred, label = _cubes((0, 0, 2))
+    _assert_close(nsd(pred, label, 2, spacing=(1, 1, 3), tolerance_mm=3.0), [[0.5]])  # 1 voxel = 3 mm along z
+    _assert_close(nsd(pred, label, 2, spacing=(1, 1, 3), tolerance_mm=2.9), [[0.0]])
+    _assert_close(nsd(pred, label, 2, spacing=(1, 1, 3), tolerance_mm=6.0), [[1.0]])
+    pred_x, label_x = _cubes((2, 0, 0))  # the same shift along x: 1 mm per voxel
+    _assert_close(nsd(pred_x, label_x, 2, spacing=(1, 1, 3), tolerance_mm=1.0), [[0.5]])
+    _assert_close(nsd(label, label, 2, spacing=(1, 1, 3), tolerance_mm=0.0), [[1.0]])
+
+
+def test_nsd_matches_monai_and_its_absent_class_rules() -> None:
+    import torch.nn.functional as F
+    from monai.metrics import compute_surface_dice
+
+    from volattack.metrics.segmentation import nsd
+
+    gen = torch.Generator().manual_seed(5)
+    noise = torch.rand(2, 1, 12, 10, 9, generator=gen, dtype=torch.float64).numpy()
+    field = np.stack([ndimage.gaussian_filter(n[0], 1.5) for n in noise])[:, None]
+    label = torch.from_numpy(np.digitize(field, np.quantile(field, [0.6, 0.8])))
+    pred = torch.from_numpy(np.digitize(np.roll(field, 1, axis=2), np.quantile(field, [0.55, 0.8])))
+    label[1][label[1] == 2] = 0  # sample 1: class 2 only predicted
+    spacing, tol = (0.8, 1.2, 2.5), 2.0
+    out = nsd(pred, label, 4, spacing=spacing, tolerance_mm=tol)
+    assert out.shape == (2, 3) and out.dtype == torch.float32
+    hot = lambda m: F.one_hot(m[:, 0].long(), 4).permute(0, 4, 1, 2, 3)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns about the empty classes
+        ref = compute_surface_dice(hot(pred), hot(label), [tol] * 3, spacing=list(spacing))
+    torch.testing.assert_close(out, ref.float(), equal_nan=True)
+    assert out[1, 1].item() == 0.0  # present in one map only
+    assert math.isnan(out[0, 2].item()) and math.isnan(out[1, 2].item())  # class 3: absent from both
+    assert 0 < out[0, 0].item() < 1
+    single = torch.cat([nsd(pred[i : i + 1], label[i : i + 1], 4, spacing=spacing, tolerance_mm=tol) for i in range(2)])
+    torch.testing.assert_close(out, single, equal_nan=True)
+
+
+def test_nsd_bad_tolerance() -> None:
+    from volattack.metrics.segmentation import nsd
+
+    pred, label = _cubes((0, 0, 1))
+    with pytest.raises(ValueError, match=r"tolerance_mm must be a finite number >= 0, got -1.0"):
+        nsd(pred, label, 2, spacing=(1, 1, 1), tolerance_mm=-1.0)
+    with pytest.raises(ValueError, match=r"spacing must have one value per spatial dimension"):
+        nsd(pred, label, 2, spacing=(1, 1), tolerance_mm=1.0)

@@ -51,7 +51,7 @@ def _x() -> torch.Tensor:
 
 
 def test_builtin_sources_in_asking_order():
-    assert list_sources() == ["torchscript", "checkpoint", "monai_bundle"]
+    assert list_sources() == ["torchscript", "checkpoint", "monai_bundle", "nnunet"]
 
 
 # --------------------------------------------------------------------------- checkpoint

@@ -8,7 +8,8 @@ inference it is deployed with, and the SHA-256 digest of its weights.
 Built-in sources (one module each): ``checkpoint`` (volattack checkpoints,
 :mod:`~volattack.models.sources.checkpoint`), ``torchscript``
 (:mod:`~volattack.models.sources.torchscript`), ``monai_bundle``
-(:mod:`~volattack.models.sources.monai_bundle`). Every module of this package is imported
+(:mod:`~volattack.models.sources.monai_bundle`), ``nnunet`` (nnU-Net v2 model folders,
+:mod:`~volattack.models.sources.nnunet`). Every module of this package is imported
 here, so a new source is one new file with one ``@register_source(name)`` class (and its test);
 a source defined elsewhere registers when its module is imported.
 """

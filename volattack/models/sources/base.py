@@ -158,6 +158,10 @@ class LoadedModel:
             the source knows (checkpoint epoch and metrics, bundle metadata, ...).
         digest: SHA-256 of the weights (:func:`volattack.ops.module_digest`), what cached
             results are keyed on.
+        deploy: ``scan -> DeployedPipeline`` (:mod:`volattack.inference.deployed`): how the source
+            runs the model on a scan's own grid (its own preprocessing and inference); ``None``:
+            the default pipeline of ``preprocessing`` and ``inference``
+            (:func:`volattack.models.deploy.build_pipeline`).
     """
 
     module: nn.Module
@@ -168,6 +172,7 @@ class LoadedModel:
     inference: InferenceSpec
     info: dict[str, Any]
     digest: str
+    deploy: Optional[Callable[[Any], Any]] = None
 
     @classmethod
     def build(cls, module: nn.Module, *, source: str, path: Path, fmt: str, num_classes: Optional[int] = None,

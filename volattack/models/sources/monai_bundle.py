@@ -14,7 +14,9 @@ bundle's network runs code written by the bundle's author: :func:`load_bundle` r
 the caller passes ``trust_bundle=True`` (``--trust-bundle`` on the command line). Weights are
 always read with ``torch.load(weights_only=True)``. The deployment (intensity transform,
 orientation, spacing, sliding-window inferer) is read from the config's plain values without
-instantiating anything (:func:`bundle_deployment`).
+instantiating anything (:func:`bundle_deployment`). ``LoadedModel.deploy`` (``space: source``)
+is the bundle's own ``inference.json`` pipeline, parsed with ``ConfigParser`` on first use
+(:mod:`volattack.models.sources.bundle_deploy`).
 """
 
 from __future__ import annotations
@@ -364,6 +366,11 @@ class MonaiBundleSource(ModelSource):
         info: dict[str, Any] = {"metadata": meta} if meta else {}
         if notes:
             info["notes"] = notes
-        return LoadedModel.build(module, source=self.name, path=path, fmt="monai-bundle", num_classes=num_classes,
-                                 in_channels=in_channels, class_names=class_names, preprocessing=pre,
-                                 inference=inference, **info)
+        loaded = LoadedModel.build(module, source=self.name, path=path, fmt="monai-bundle", num_classes=num_classes,
+                                   in_channels=in_channels, class_names=class_names, preprocessing=pre,
+                                   inference=inference, **info)
+        if config is not None:  # space: source runs the bundle's own inference.json pipeline
+            from volattack.models.sources.bundle_deploy import bundle_deploy
+
+            loaded.deploy = bundle_deploy(path, config, loaded.module, meta, trust_bundle=trust_bundle)
+        return loaded
