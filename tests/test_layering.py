@@ -31,7 +31,8 @@ LAYERS: list[tuple[str, ...]] = [
 #: light configuration modules (dataclasses, no torch) that the layers' configs compose; a
 #: config module may import other config modules and the bottom layer only
 CONFIGS = ("volattack.data.config", "volattack.models.config", "volattack.defenses.config",
-           "volattack.evaluation.config", "volattack.training.config", "volattack.config")
+           "volattack.threats.config", "volattack.evaluation.config", "volattack.training.config",
+           "volattack.config")
 
 
 def layer_of(module: str) -> int:

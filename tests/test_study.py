@@ -6,10 +6,12 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -155,6 +157,13 @@ def test_shipped_study_config_is_valid_with_equal_epochs():
     assert advs["vaft"].name == "vafa" and advs["vaft"].fr_weight == 1.0
     names = {a.name for a in plan.base.evaluate.attacks}
     assert {"pgd", "vafa", "sa2"} <= names
+    # the study redone (issue 11): >= 3 seeds, >= 12 test cases, reliable beside every single attack at
+    # the same eps and passes (SEA: 4 losses x (steps + 1 stage forward) with 3 steps), certified Dice, corruptions
+    assert len(plan.seeds) >= 3 and plan.base.phantoms.n_test >= 12
+    assert {"apgd", "segpgd", "cospgd", "sea"} <= names
+    steps = {a.name: a.params["steps"] for a in plan.base.evaluate.attacks}
+    assert {steps[n] for n in ("pgd", "apgd", "segpgd", "cospgd")} == {4 * (steps["sea"] + 1)}
+    assert plan.base.evaluate.certify is not None and plan.base.evaluate.corruptions is not None
 
 
 # ---------------------------------------------------------------- comparison tables (known values)
@@ -302,3 +311,140 @@ def test_study_end_to_end_and_rerun_reuses_everything(tmp_path, capsys):
     assert not (tmp_path / "not_used").exists()
     assert [p.stat().st_mtime_ns for p in watched] == stamps
     assert (study / "comparison.csv").read_text() == csv_before
+
+
+# ---------------------------------------------------------------- seeds: validation, two-way bootstrap, aggregation
+
+
+@pytest.mark.parametrize(
+    "seeds, match",
+    [
+        ([], r"seeds must list at least one seed, got an empty list"),
+        ([0, 1, 0], r"seeds must not repeat a seed, got \[0, 1, 0\] \(repeated: \[0\]\)"),
+        ([0, -1], r"seeds entries must be integers >= 0, got -1 in \[0, -1\]"),
+        ([0, 1.5], r"seeds entries must be integers >= 0, got 1.5"),
+        ([True], r"seeds entries must be integers >= 0, got True"),
+        (3, r"seeds must be a list of training seeds \(e.g. \[0, 1, 2\]\), got 3"),
+    ],
+)
+def test_bad_seeds_fail_before_training(tmp_path, no_training, seeds, match):
+    raw = _study(tmp_path, {"clean": {}}, seeds=seeds)
+    with pytest.raises(ConfigError, match=match):
+        run_study(raw)
+    assert not (tmp_path / "study").exists() and not (tmp_path / "ph").exists()
+
+
+def test_load_study_reads_seeds_and_keeps_them_out_of_the_run_config(tmp_path):
+    plan = load_study(_study(tmp_path, {"clean": {}}, seeds=[2, 0]))
+    assert plan.seeds == [2, 0] and plan.variants["clean"].seed == 0
+    assert load_study(_study(tmp_path, {"clean": {}})).seeds is None
+    assert load_study(_study(tmp_path, {"clean": {}}, seeds=[0, 1]), overrides=["seeds=[5]"]).seeds == [5]
+
+
+def test_two_way_bootstrap_hand_computed_tables():
+    from volattack.study_seeds import two_way_bootstrap
+
+    # seeds differ, cases equal: the mean of 2 resampled seeds is 0, 0.5 or 1 (prob. 1/4, 1/2, 1/4)
+    assert tuple(two_way_bootstrap([[0.0, 0.0], [1.0, 1.0]])) == (0.5, 0.0, 1.0)
+    # additive x = a_s + b_c, a = (0, 1), b = (0, 2): each resample's mean is mean(a*) + mean(b*); both
+    # extremes have probability 1/16 > 2.5%, so the interval is [0, 3]; resampling the cases only (seeds
+    # fixed, the clustered case bootstrap) would give [0.5, 2.5]: the seeds' spread is counted here
+    est = two_way_bootstrap([[0.0, 2.0], [1.0, 3.0]])
+    assert tuple(est) == (1.5, 0.0, 3.0) and est.n == 4
+    # NaN cells are skipped: mean over seeds of the per-seed means
+    assert two_way_bootstrap([[1.0, np.nan, 3.0], [4.0, 4.0, np.nan]]).value == pytest.approx(3.0)
+    one = two_way_bootstrap([[0.7]])
+    assert one.value == 0.7 and math.isnan(one.lo) and one.reason == "one value: no interval"
+    assert two_way_bootstrap([[np.nan, np.nan]]).n == 0
+
+
+def test_two_way_bootstrap_variance_and_one_seed_against_scipy():
+    from scipy import stats
+
+    from volattack.study_seeds import two_way_bootstrap, two_way_replicates
+
+    a, b = np.array([0.0, 1.0, 3.0]), np.array([0.0, 2.0, 1.0, 5.0, 4.0])
+    reps = two_way_replicates(a[:, None] + b[None, :], n_boot=40000, seed=1)
+    # additive table: the bootstrap variance of the mean is var(a) / S + var(b) / C (population variances)
+    assert reps.var() == pytest.approx(a.var() / 3 + b.var() / 5, rel=0.05)
+    # one seed: the ordinary percentile bootstrap of the cases (scipy.stats.bootstrap)
+    x = np.array([0.91, 0.62, 0.85, 0.70, 0.55, 0.88, 0.79, 0.66, 0.93, 0.58, 0.74, 0.81])
+    ours = two_way_bootstrap(x[None, :], n_boot=20000)
+    ref = stats.bootstrap((x,), np.mean, n_resamples=20000, method="percentile", random_state=0).confidence_interval
+    width = ref.high - ref.low
+    assert ours.lo == pytest.approx(ref.low, abs=0.05 * width) and ours.hi == pytest.approx(ref.high, abs=0.05 * width)
+    # several seeds widen the interval of the same cases when the seeds disagree
+    spread = two_way_bootstrap(np.stack([x, x + 0.1, x - 0.1]), n_boot=20000)
+    assert spread.hi - spread.lo > ours.hi - ours.lo
+    with pytest.raises(ValueError, match=r"values must be a \(seeds, cases\) table, got shape \(3,\)"):
+        two_way_bootstrap([1.0, 2.0, 3.0])
+    with pytest.raises(ValueError, match="n_boot must be a positive integer, got 0"):
+        two_way_bootstrap([[1.0, 2.0]], n_boot=0)
+    with pytest.raises(ValueError, match=r"level must be in \(0, 1\), got 1.5"):
+        two_way_bootstrap([[1.0, 2.0]], level=1.5)
+
+
+def test_aggregate_rows_and_differences_over_seeds_and_cases():
+    from volattack.evaluation.comparison import differences_table
+    from volattack.study_seeds import aggregate_rows, seed_case_table, seed_differences, two_way_bootstrap
+
+    clean = [0.9, 0.6, 0.8, 0.7]
+    adv_a = {0: [0.40, 0.20, 0.35, 0.30], 1: [0.50, 0.30, 0.45, 0.40]}
+    shift = {0: [0.20, 0.22, 0.18, 0.20], 1: [0.21, 0.19, 0.20, 0.20]}  # b gains ~0.2 on every (seed, case)
+    res = {s: {"a": _cases_results(clean, adv_a[s]),
+               "b": _cases_results([c + 0.01 * (j % 2 * 2 - 1) for j, c in enumerate(clean)],
+                                   [v + d for v, d in zip(adv_a[s], shift[s])])} for s in (0, 1)}
+    rows = {(r.variant, r.attack): r for r in aggregate_rows(res)}
+    assert list(rows) == [("a", "clean"), ("a", "pgd"), ("b", "clean"), ("b", "pgd")]
+    pgd_a = rows[("a", "pgd")]
+    assert pgd_a["adv_dice"] == pytest.approx((0.3125 + 0.4125) / 2)  # mean over seeds of the case means
+    table, seeds, cases = seed_case_table({s: res[s]["a"] for s in (0, 1)}, "pgd")
+    assert seeds == [0, 1] and cases == ["0000_c", "0001_c", "0002_c", "0003_c"]
+    assert table.tolist() == [adv_a[0], adv_a[1]]
+    est = two_way_bootstrap(table)
+    assert (pgd_a["adv_dice_lo"], pgd_a["adv_dice_hi"]) == (est.lo, est.hi) and pgd_a.values["adv_dice_n"] == 8
+    assert pgd_a["clean_dice"] == pytest.approx(0.75) and rows[("a", "clean")]["adv_dice"] == pytest.approx(0.75)
+    diffs = {d["attack"]: d for d in seed_differences(res)}
+    assert diffs["pgd"]["diff"] == pytest.approx(np.mean([shift[0], shift[1]])) and diffs["pgd"]["significant"]
+    assert diffs["pgd"]["lo"] > 0 and diffs["pgd"]["n"] == 8 and diffs["pgd"]["seeds"] == 2
+    assert diffs["clean"]["diff"] == pytest.approx(0.0) and not diffs["clean"]["significant"]  # +-0.01: n.s.
+    text = differences_table(list(diffs.values()))
+    assert "| clean | +0.000 [" in text and "(n.s.)" in text.splitlines()[2] and "| pgd | +0.200 [" in text
+
+
+def test_seeded_study_runs_every_seed_into_its_folder_and_aggregates(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_run(cfg, out_dir, **kwargs):  # per-case Dice: +0.1 per seed, +0.2 for the trained variant
+        calls.append((cfg.seed, Path(out_dir).relative_to(tmp_path / "study").as_posix()))
+        bump = 0.1 * cfg.seed + (0.2 if Path(out_dir).name == "at" else 0.0)
+        return _cases_results([0.9, 0.8, 0.7], [0.3 + bump, 0.2 + bump, 0.1 + bump])
+
+    monkeypatch.setattr(pipeline, "run_benchmark", fake_run)
+    raw = _study(tmp_path, {"clean": {}, "at": {"train.adversary": {"name": "fgsm_rs", "params": {"eps": "4/255"}}}},
+                 seeds=[0, 1])
+    out = run_study(raw)
+    assert calls == [(0, "seed_0/clean"), (0, "seed_0/at"), (1, "seed_1/clean"), (1, "seed_1/at")]
+    study = tmp_path / "study"
+    for name in ("comparison.md", "comparison.csv", "comparison.png", "study.json", "study.yaml",
+                 "seed_0/comparison.md", "seed_1/study.json"):
+        assert (study / name).is_file(), name
+    summary = json.loads((study / "study.json").read_text())
+    assert summary["seeds"] == summary["finished_seeds"] == [0, 1] and set(out["results_by_seed"]) == {0, 1}
+    # "results": per variant the aggregated rows, what `volattack study` prints as its Dice pivot
+    pivot = dice_table(comparison_rows(out["results"])).splitlines()
+    assert pivot[0] == "| Variant | clean | pgd |" and pivot[2].startswith("| clean | 0.800 [") and "| 0.250 [" in pivot[2]
+    rows = {(r["variant"], r["attack"]): r for r in summary["rows"]}
+    assert rows[("clean", "pgd")]["adv_dice"] == pytest.approx(0.25)  # mean over seeds of 0.2 and 0.3
+    assert rows[("at", "pgd")]["adv_dice"] == pytest.approx(0.45)
+    lo, hi = rows[("clean", "pgd")]["adv_dice_lo"], rows[("clean", "pgd")]["adv_dice_hi"]
+    assert lo < 0.25 < hi
+    diff = next(d for d in summary["differences"] if d["attack"] == "pgd")
+    assert (diff["a"], diff["b"]) == ("clean", "at") and diff["diff"] == pytest.approx(0.2)
+    assert diff["significant"] and diff["n"] == 6 and diff["seeds"] == 2
+    md = (study / "comparison.md").read_text()
+    assert "runs finished: 4/4 (seeds 0, 1 of 2;" in md and "| at − clean |" in md and "| pgd | +0.200 [" in md
+    assert "| at | 1 | fgsm_rs(eps=4/255) |" in md and "[seed 1](seed_1/comparison.md)" in md
+    table = list(csv.DictReader(io.StringIO((study / "comparison.csv").read_text())))
+    assert [(r["variant"], r["attack"]) for r in table] == [("clean", "clean"), ("clean", "pgd"), ("at", "clean"),
+                                                           ("at", "pgd")]

@@ -1,4 +1,4 @@
-"""The ``volattack`` command line: train, attack, evaluate, benchmark, study, leaderboard, phantoms, list.
+"""The ``volattack`` command line: train, attack, evaluate, benchmark, detect, study, leaderboard, phantoms, list.
 
 Argument parsing imports neither torch nor MONAI, so ``volattack --help`` and argument
 errors answer at once; each handler imports what it needs. Exit codes: 0 success,
@@ -28,6 +28,16 @@ def _add_common(p: argparse.ArgumentParser, *, config: bool = True) -> None:
     p.add_argument("--trust-bundle", action="store_true",
                    help="allow loading a MONAI bundle directory as the model (its config can run code)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+
+
+def _add_goal(p: argparse.ArgumentParser) -> None:
+    """``attack --target/--mask``: the clinical goal (``evaluate.goal``) by class name."""
+    p.add_argument("--target", action="append", default=[], metavar="GOAL",
+                   help="targeted goal by class name: remove=liver[,spleen] or relabel=spleen:liver (repeatable; "
+                        "evaluate.goal.target)")
+    p.add_argument("--mask", default=None, metavar="MASK",
+                   help="perturb only body, body=THRESHOLD, near=CLASS:MM or box=x0,y0,z0,x1,y1,z1 (world mm, RAS; "
+                        "evaluate.goal.mask)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-cases", type=int, default=None)
     p.add_argument("--save-adv", action="store_true", help="write adversarial volumes (float32 NIfTI, HU)")
     p.add_argument("--save-pred", action="store_true", help="write clean/adversarial predictions (NIfTI labels)")
+    p.add_argument("--space", choices=["model", "source"], default=None, help="perturb the preprocessed tensor "
+                   "(model, default) or the scan on its own grid in its units (source: -p eps=8 is 8 HU; evaluate.space)")
+    _add_goal(p)
     _add_common(p, config=False)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint against a list of attacks and budgets")
@@ -72,6 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", default=None, help="checkpoint to evaluate (overrides evaluate.checkpoint)")
 
     p = sub.add_parser("benchmark", help="whole pipeline from a config: phantoms, training, evaluation")
+    _add_common(p)
+
+    p = sub.add_parser(
+        "detect",
+        help="fit detectors of adversarial volumes; AUROC and TPR at 5%% FPR per attack, non-adaptive and adaptive",
+        description="Fit the detectors of the config's 'detect' section on a fitting split (clean + attacked "
+        "volumes) and report AUROC and TPR at 5%% FPR on a test split, against each attack and against the "
+        "adaptive attack that knows the detector; writes detect.json and detect.md.",
+    )
     _add_common(p)
 
     p = sub.add_parser(
@@ -186,6 +208,11 @@ def cmd_attack(args: argparse.Namespace) -> int:
         "save_pred": args.save_pred,
         "max_cases": args.max_cases,
     }
+    if args.space is not None:
+        raw["evaluate"]["space"] = args.space
+    goal = _goal_args(args)
+    if goal:
+        raw["evaluate"]["goal"] = goal
     if args.seed is not None:
         raw["seed"] = args.seed
     raw["output_dir"] = args.out or f"runs/attack_{args.attack}"
@@ -194,12 +221,28 @@ def cmd_attack(args: argparse.Namespace) -> int:
     return _finish_eval(run_evaluate(cfg, out, trust_bundle=args.trust_bundle, progress=not args.quiet), out)
 
 
+def _goal_args(args: argparse.Namespace) -> dict:
+    """``evaluate.goal`` of ``attack --target/--mask`` (empty without either)."""
+    from volattack.evaluation.goal_config import parse_mask_arg, parse_target_arg
+
+    goal = {"target": parse_target_arg(args.target), "mask": parse_mask_arg(args.mask)}
+    return {k: v for k, v in goal.items() if v is not None}
+
+
 def cmd_benchmark(args: argparse.Namespace) -> int:
     from volattack.pipeline import load_run_config, run_benchmark
 
     cfg = load_run_config(args.config, args.overrides)
     out = _out_dir(args, cfg)
     return _finish_eval(run_benchmark(cfg, out, trust_bundle=args.trust_bundle, progress=not args.quiet), out)
+
+
+def cmd_detect(args: argparse.Namespace) -> int:
+    from volattack.pipeline import run_detect
+
+    res = run_detect(args.config, args.overrides, args.out, trust_bundle=args.trust_bundle, progress=not args.quiet)
+    _out(res["markdown"] + f"\nreport: {res['files']['md']}\n")
+    return EXIT_OK
 
 
 def cmd_study(args: argparse.Namespace) -> int:
@@ -254,6 +297,7 @@ HANDLERS = {
     "attack": cmd_attack,
     "evaluate": cmd_evaluate,
     "benchmark": cmd_benchmark,
+    "detect": cmd_detect,
     "study": cmd_study,
     "leaderboard": cmd_leaderboard,
     "list": cmd_list,

@@ -132,6 +132,7 @@ def run_evaluate(cfg: RunConfig, out_dir: Path, *, checkpoint: Optional[str] = N
         progress=progress,
         model_digest=model.digest,
         surrogate_digest=surrogate.digest if surrogate is not None else None,
+        loaded=model,
     )
 
 
@@ -167,6 +168,41 @@ def run_benchmark(cfg: RunConfig, out_dir: Path, *, trust_bundle: bool = False,
     return run_evaluate(cfg, out_dir, checkpoint=ckpt, trust_bundle=trust_bundle, progress=progress)
 
 
+def run_detect(path: Optional[str], overrides: list[str] | tuple[str, ...] = (), out: Optional[str] = None, *,
+               trust_bundle: bool = False, progress: bool = True) -> dict[str, Any]:
+    """``volattack detect``: a run config plus a ``detect`` section
+    (:class:`volattack.evaluation.detect.DetectConfig`); phantoms if configured, the model from
+    ``detect.checkpoint`` (or trained from ``train`` into ``<out>/train``, reused when finished),
+    then :func:`volattack.evaluation.detect.run_detection` into ``out`` (default ``output_dir``).
+    The detect section, the split sizes and the layers are checked before any training or attack."""
+    from volattack.config import apply_overrides
+    from volattack.data.datalist import load_datalist
+    from volattack.evaluation.detect import check_case_counts, run_detection, split_detect_config, validate_detect
+
+    rest, dcfg = split_detect_config(apply_overrides(load_yaml(path) if path else {}, list(overrides)))
+    cfg = from_dict(RunConfig, rest)
+    out_dir = Path(out) if out else Path(cfg.output_dir)
+    validate_detect(dcfg)
+    if not dcfg.checkpoint and cfg.train is None:
+        raise ConfigError("detect.checkpoint is empty and the config has no 'train' section to train a model.")
+    cfg = ensure_phantoms(cfg, progress=progress)
+    splits = [load_datalist(cfg.data.datalist, key=k, base_dir=cfg.data.base_dir)
+              for k in (dcfg.fit_split, dcfg.test_split)]
+    check_case_counts(dcfg, min(len(splits[0]), dcfg.max_fit_cases or 10**9),
+                      min(len(splits[1]), dcfg.max_test_cases or 10**9))
+    ckpt = dcfg.checkpoint
+    if not ckpt:
+        train_dir = out_dir / "train"
+        if not (train_dir / "train_summary.json").is_file():
+            summary = run_train(cfg, train_dir, resume=(train_dir / "last.pt").is_file(), progress=progress)
+            atomic_write_json(train_dir / "train_summary.json", summary)
+        ckpt = str(train_dir / "best.pt")
+    model, info = _load_model(ckpt, trust_bundle)
+    return run_detection(model.module, splits[0], splits[1], out_dir, cfg=dcfg, preprocess=cfg.data.preprocess,
+                         num_classes=int(model.num_classes or cfg.model.out_channels), seed=cfg.seed,
+                         model_info=info, progress=progress)
+
+
 def _load_model(spec: str, trust_bundle: bool) -> tuple[Any, dict[str, Any]]:
     """Load a model from any source (:func:`volattack.models.sources.load_model`); its description
     for the results is the network (the checkpoint's model section, the architecture), the source,
@@ -187,12 +223,14 @@ def _validate_attacks(cfg: RunConfig) -> None:
     import volattack
 
     dummy = torch.nn.Conv3d(1, 1, 1)
+    goal = cfg.evaluate.goal  # a target in evaluate.goal makes every attack targeted
+    extra = {"targeted": True} if goal is not None and goal.target is not None else {}
     for spec in cfg.evaluate.attacks:
         for label, kw in spec.expand():
             try:
-                volattack.create_attack(spec.name, dummy, **kw)
+                volattack.create_attack(spec.name, dummy, **{**extra, **kw})
             except (ValueError, TypeError) as e:
-                raise ConfigError(f"evaluate.attacks: {label}: {e}") from e
+                raise ConfigError(f"evaluate.attacks: {label}: {e}{' (evaluate.goal.target)' if extra else ''}") from e
 
 
 def with_blackbox_check(cfg: RunConfig) -> RunConfig:

@@ -96,6 +96,7 @@ class StudyPlan:
         variants: variant name -> its run config (``output_dir`` = ``out_dir / name``), in the
             order of the config file.
         overrides: variant name -> its overrides as nested mappings (dotted keys expanded).
+        seeds: the config's ``seeds`` (one run per seed: :mod:`volattack.study_seeds`), or ``None``.
     """
 
     out_dir: Path
@@ -103,6 +104,7 @@ class StudyPlan:
     base: RunConfig
     variants: dict[str, RunConfig]
     overrides: dict[str, dict[str, Any]]
+    seeds: Optional[list[int]] = None
 
 
 def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
@@ -237,7 +239,10 @@ def load_study(
     from volattack.pipeline import _validate_attacks, _validate_defense, evaluation_split
 
     raw = apply_overrides(_read(config), list(overrides))
-    base_raw = {k: v for k, v in raw.items() if k != VARIANTS_KEY}
+    from volattack.study_seeds import SEEDS_KEY, parse_seeds
+
+    seeds = parse_seeds(raw.get(SEEDS_KEY))
+    base_raw = {k: v for k, v in raw.items() if k not in (VARIANTS_KEY, SEEDS_KEY)}
     variant_over = _variant_overrides(raw.get(VARIANTS_KEY))
     out = Path(out_dir) if out_dir is not None else Path(base_raw.get("output_dir") or DEFAULT_OUT)
     base = from_dict(RunConfig, {**base_raw, "output_dir": str(out)})
@@ -266,7 +271,7 @@ def load_study(
             "equal training budget.",
             stacklevel=2,
         )
-    return StudyPlan(out_dir=out, raw=raw, base=base, variants=variants, overrides=variant_over)
+    return StudyPlan(out_dir=out, raw=raw, base=base, variants=variants, overrides=variant_over, seeds=seeds)
 
 
 def _num(v: Any) -> Optional[float]:
@@ -464,6 +469,10 @@ def run_study(
     from volattack.pipeline import run_benchmark
 
     plan = load_study(config, out_dir, overrides=overrides)
+    if plan.seeds is not None:  # one study per seed, aggregated over seeds x cases
+        from volattack.study_seeds import run_seeded_study
+
+        return run_seeded_study(plan, trust_bundle=trust_bundle, progress=progress)
     plan.out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(plan.out_dir / "study.yaml", dump_yaml(plan.raw))
     logger.info("study in %s: variants %s", plan.out_dir, ", ".join(plan.variants))

@@ -172,6 +172,10 @@ class Outcome:
     #: perturbation sizes read from ``info`` (per-sample lists) or measured
     SIZE_KEYS = ("linf", "rms", "psnr", "ssim")
     UNIT_KEYS = ("linf_units", "rms_units")
+    #: set by the evaluation on a case's clean outcome (attack outcomes read their clean one's): the
+    #: case's attack goal (:class:`volattack.evaluation.goals.CaseGoal`) and the NSD tolerance in mm
+    goal: Optional[Any] = None
+    nsd_tolerance_mm: float = 2.0
 
     def __init__(self, pred: "torch.Tensor", label: "torch.Tensor", num_classes: int, spacing: Sequence[float], *,
                  clean: Optional["Outcome"] = None, image: Optional["torch.Tensor"] = None,
@@ -209,6 +213,17 @@ class Outcome:
         from volattack.metrics import hd95
 
         return _floats(hd95(self.pred, self.label, self.num_classes, spacing=self.spacing)[0])
+
+    @cached_property
+    def nsd_per_class(self) -> list[float]:
+        from volattack.metrics.segmentation import nsd
+
+        tol = (self if self.clean is None else self.clean).nsd_tolerance_mm
+        k, pred = self.num_classes, self.pred
+        if bool((pred < 0).any()):  # a certified map's abstentions (-1): in no class
+            pred, k = pred.masked_fill(pred < 0, k), k + 1
+        out = nsd(pred, self.label, k, spacing=self.spacing, tolerance_mm=tol)[0, : self.num_classes - 1]
+        return _floats(out)
 
     @cached_property
     def flip_rate(self) -> Optional[float]:
@@ -313,6 +328,17 @@ def _rel_drop(o: Outcome) -> float:
     return float("nan") if c == 0 or math.isnan(c) else (c - a) / c
 
 
+def _goal(name: str) -> Callable[[Outcome], Any]:
+    """A goal metric of :mod:`volattack.evaluation.goals` (``None`` for a run without ``evaluate.goal``)."""
+
+    def get(o: Outcome) -> Any:
+        from volattack.evaluation import goals
+
+        return getattr(goals, name)(o)
+
+    return get
+
+
 def _size(key: str) -> Callable[[Outcome], Optional[float]]:
     return lambda o: o.perturbation.get(key)
 
@@ -353,6 +379,38 @@ COLUMNS: list[Column] = [
            "foreground classes; a class present in exactly one of prediction and ground truth scores the image "
            "diagonal in mm (worst case), absent from both NaN.", case=lambda o: nanmean(o.hd95_per_class), clean=True, fmt=fixed(1),
            tables=frozenset({"report"})),
+    Column("nsd", "NSD", "normalised surface Dice (Nikolov et al., JMIR 2021; MONAI `compute_surface_dice`): "
+           "the fraction of the predicted and true boundary voxels of a class lying within τ mm of the other "
+           "boundary (τ = `evaluate.nsd_tolerance_mm`, default 2 mm; voxel spacing after preprocessing), mean "
+           "over the foreground classes; a class present in exactly one map scores 0, absent from both NaN.",
+           case=lambda o: nanmean(o.nsd_per_class), clean=True, tables=frozenset({"report"})),
+    Column("target_dice", "Target Dice", "with a targeted `evaluate.goal`: mean foreground Dice of the prediction "
+           "to the target map (the clean prediction, or the label with `reference: label`, with the removed "
+           "organs set to background and the relabelled ones to their new class; same Dice rule: a removed organ "
+           "that is gone is not counted, one still predicted scores 0); the clean row: the clean prediction's.",
+           case=_goal("target_dice_of"), clean=True, tables=frozenset()),
+    Column("target_reached", "Reached", "with a targeted `evaluate.goal`: the fraction of the voxels the goal "
+           "changes (target map ≠ its reference map) whose prediction under attack is their target class (for "
+           "a removal: background; for a relabelling: the new class); NaN when the goal changes no voxel.",
+           case=_goal("target_reached_of"), tables=frozenset()),
+    Column("removed_fraction", "Removed", "with `evaluate.goal` removing or relabelling organs: the fraction "
+           "|C \\ A| / |C| of an organ's clean-predicted voxels C no longer predicted as that organ under attack "
+           "(A), mean over the removed organs (per organ: `removed_fraction_per_class`).",
+           case=_goal("removed_mean_of"), tables=frozenset()),
+    Column("backdoor_success", "Backdoor success", "`evaluate.trigger` rows: attack success rate, the share "
+           "of triggered cases whose backdoor Dice reaches t (`evaluate.trigger.threshold`, default 0.5); per case "
+           "1 or 0 (cases the behaviour cannot change are not counted).", case=_info("backdoor_success"),
+           tables=frozenset({"report"})),
+    Column("backdoor_dice", "Backdoor Dice", "`evaluate.trigger` rows: Dice 2|C ∩ {{pred = target}}| / (|C| + |Y|) "
+           "of the voxels C the target behaviour changes (target map ≠ label) and the voxels Y whose prediction "
+           "shows the behaviour's output class against the label (background for remove, the new class for "
+           "relabel, the painted class for paint).", case=_info("backdoor_dice"), tables=frozenset({"report"})),
+    Column("backdoor_dice_clean_input", "Backdoor Dice clean input", "`evaluate.trigger` rows: the backdoor "
+           "Dice of the clean prediction (no trigger) to the same target map: high values mean the behaviour is "
+           "not specific to the trigger.", case=_info("backdoor_dice_clean_input"), tables=frozenset()),
+    Column("untouched_dice", "Untouched Dice", "`evaluate.trigger` rows: mean Dice to the label of the foreground "
+           "classes the target behaviour does not name, on the triggered case.", case=_info("untouched_dice"),
+           tables=frozenset({"report"})),
     Column("linf", "L-inf", "max |x_adv − x|: L∞ size of the perturbation in model-input units (printed as "
            "k/255 when the input range has width 1).", case=_size("linf"), fmt=input_budget),
     Column("rms", "RMS", "sqrt(mean (x_adv − x)²): RMS size of the perturbation in model-input units.",
@@ -374,6 +432,11 @@ COLUMNS: list[Column] = [
            case=lambda o: o.dice_per_class, clean=True, per_class=True, tables=frozenset()),
     Column("hd95_mm_per_class", "HD95 mm per class", "HD95 of each foreground class in mm.",
            case=lambda o: o.hd95_per_class, clean=True, per_class=True, tables=frozenset(), fmt=fixed(1)),
+    Column("nsd_per_class", "NSD per class", "NSD of each foreground class at τ mm.",
+           case=lambda o: o.nsd_per_class, clean=True, per_class=True, tables=frozenset()),
+    Column("removed_fraction_per_class", "Removed per class", "removed fraction of each foreground class (NaN "
+           "for the classes the goal does not remove).", case=_goal("removed_fraction_of"), per_class=True,
+           tables=frozenset()),
     Column("gt_volume_ml_per_class", "GT volume mL per class", "ground-truth volume of each foreground class in "
            "mL (voxel count x voxel volume after preprocessing; clean row only): the organ size of the "
            "size-stratified drops.", case=_gt_volume_ml, clean=True, per_class=True, tables=frozenset(),

@@ -9,19 +9,23 @@ from volattack.checks import parse_number
 from volattack.defenses.config import DEFENSE_BPDA, DefenseConfig, TransformSpec  # noqa: F401  (moved)
 from volattack.defenses.config import CertifyConfig  # evaluate.certify
 from volattack.evaluation.extra_config import CorruptionConfig, MatchConfig  # evaluate.corruptions, match
+from volattack.evaluation.goal_config import GoalConfig  # evaluate.goal
+from volattack.threats.config import TriggerEvalConfig  # evaluate.trigger
 
 #: parameters whose values are intensity budgets (printed as ``k/255`` when they are multiples)
 BUDGET_KEYS = ("eps", "alpha", "sigma")
 
-_TARGETS = ("Python-only: a targeted attack needs target label maps, which a YAML config cannot give; "
-            "pass targeted=True and target_labels from Python (volattack.create_attack(..., targeted=True)"
-            ".run(images, labels, target_labels=...))")
+_TARGETS = ("set by evaluate.goal.target (by class name: {remove: [liver]} or {relabel: {spleen: liver}}; "
+            "command line: --target remove=liver); from Python, any label map: volattack.create_attack(..., "
+            "targeted=True).run(images, labels, target_labels=...)")
 
 #: attack parameters a config cannot set, and why (rejected when the config is loaded)
 RESERVED_ATTACK_PARAMS: dict[str, str] = {
     "targeted": _TARGETS,
     "target_labels": _TARGETS,
-    "mask": "Python-only: pass a perturbation mask tensor from Python (Attack.run(images, labels, mask=...))",
+    "mask": ("set by evaluate.goal.mask (body, {near: organ, mm: 10} or {box: [x0, y0, z0, x1, y1, z1]} in "
+             "world mm; command line: --mask near=organ:10); from Python, any mask tensor: "
+             "Attack.run(images, labels, mask=...)"),
     "inferer": ("Python-only: the evaluation runs every attack through its own sliding-window inference "
                 "(evaluate.sw_batch_size, sw_overlap, threat_model)"),
     "bounds": "set by the evaluation from the model's intensity model (data.preprocess)",
@@ -128,6 +132,34 @@ class AttackSpec:
 
 THREAT_MODELS = ("volume", "patch")
 
+#: where the perturbation lives: ``model`` (the preprocessed tensor) or ``source`` (the scan's own grid)
+SPACES = ("model", "source")
+
+
+def _check_space(cfg: "EvalConfig") -> None:
+    """``evaluate.space`` and ``evaluate.source_bounds``; ``space: source`` runs the volume threat
+    model on the bare deployed pipeline (the other options are model-space passes)."""
+    if cfg.space not in SPACES:
+        raise ValueError(f"space must be one of {SPACES}, got {cfg.space!r}.")
+    b = cfg.source_bounds
+    if b is not None:
+        vals = [parse_number(v, "source_bounds") for v in b] if isinstance(b, (list, tuple)) else None
+        if (vals is None or len(vals) != 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                                      and abs(v) != float("inf") and v == v for v in vals)
+                or not vals[0] < vals[1]):
+            raise ValueError(f"source_bounds must be None or [lo, hi] in source units with lo < hi, got {b!r}.")
+        cfg.source_bounds = [float(v) for v in vals]
+        if cfg.space != "source":
+            raise ValueError(f"source_bounds={cfg.source_bounds} needs space: source, got space={cfg.space!r}.")
+    if cfg.space == "source":
+        unsupported = {"threat_model": cfg.threat_model != "volume", "surrogate_checkpoint": cfg.surrogate_checkpoint,
+                       "defense": cfg.defense, "certify": cfg.certify, "corruptions": cfg.corruptions,
+                       "match": cfg.match, "goal": getattr(cfg, "goal", None), "trigger": getattr(cfg, "trigger", None)}
+        bad = [k for k, v in unsupported.items() if v]
+        if bad:
+            raise ValueError(f"space: source attacks the deployed pipeline itself (threat_model: volume, white box, "
+                             f"no row passes); it cannot be combined with {', '.join(bad)}.")
+
 #: the default of ``data.test_key`` (``volattack.data.config.DataConfig``)
 DEFAULT_TEST_KEY = "test"
 
@@ -182,6 +214,20 @@ class EvalConfig:
         figure_cases: number of cases that get a triplanar panel.
         defense: input-transform defence in front of the model and the adaptive attack against
             it (:class:`DefenseConfig`); ``None``: the bare model.
+        goal: the clinical goal of every attack, by class name (targeted organ removal or
+            relabelling, a perturbation mask; :class:`~volattack.evaluation.goal_config.GoalConfig`);
+            ``None``: untargeted, everywhere. Needs ``threat_model: volume``.
+        nsd_tolerance_mm: the tolerance of the normalised surface Dice columns, in mm.
+        space: ``"model"`` (default; the published protocols): the perturbation is on the
+            preprocessed model input, budgets in model-input units; ``"source"``: on the scan's own
+            grid in its own units (``eps: 8`` is 8 HU), through the model's differentiable deployed
+            pipeline, the adversarial scan written with the source's shape, affine and dtype and
+            scored as read back from disk (:mod:`volattack.evaluation.source_passes`).
+        source_bounds: ``[lo, hi]`` in source units the adversarial scan may take (``space: source``;
+            default: the clean scan's own ``[min, max]``, within its stored type's range).
+        trigger: backdoor evaluation: one row per case with the trigger added, scored against the
+            target map (:class:`~volattack.threats.config.TriggerEvalConfig`; the row pass
+            :mod:`volattack.evaluation.rows.backdoor`), or ``None``.
     """
 
     checkpoint: Optional[str] = None
@@ -203,10 +249,15 @@ class EvalConfig:
     figures: bool = True
     figure_cases: int = 1
     device: str = "auto"
+    space: str = "model"
+    source_bounds: Optional[list[float]] = None
     defense: Optional[DefenseConfig] = None
     certify: Optional[CertifyConfig] = None
     corruptions: Optional[CorruptionConfig] = None
     match: Optional[MatchConfig] = None
+    goal: Optional[GoalConfig] = None
+    nsd_tolerance_mm: float = 2.0
+    trigger: Optional[TriggerEvalConfig] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.defense, dict):
@@ -219,6 +270,18 @@ class EvalConfig:
             self.match = MatchConfig(**self.match)
         if self.defense is not None and not isinstance(self.defense, DefenseConfig):
             raise ValueError(f"defense must be a DefenseConfig, a mapping or None, got {self.defense!r}.")
+        if isinstance(self.goal, dict):
+            self.goal = GoalConfig(**self.goal)
+        if isinstance(self.trigger, dict):
+            self.trigger = TriggerEvalConfig(**self.trigger)
+        if self.goal is not None and self.threat_model != "volume":
+            raise ValueError(f"goal needs threat_model 'volume' (the patch protocol attacks tiles without the "
+                             f"goal's target map and mask), got threat_model={self.threat_model!r}.")
+        if self.goal is not None and self.goal.target is not None and self.sanity_blackbox_queries > 0:
+            raise ValueError("sanity_blackbox_queries > 0 adds the untargeted square attack, which a targeted goal "
+                             f"cannot use; set sanity_blackbox_queries: 0 (got {self.sanity_blackbox_queries}).")
+        if not (isinstance(self.nsd_tolerance_mm, (int, float)) and 0 <= self.nsd_tolerance_mm < float("inf")):
+            raise ValueError(f"nsd_tolerance_mm must be a finite number >= 0 (mm), got {self.nsd_tolerance_mm!r}.")
         if self.threat_model not in THREAT_MODELS:
             raise ValueError(f"threat_model must be one of {THREAT_MODELS}, got {self.threat_model!r}.")
         if not (0 <= self.patch_overlap < 1):
@@ -241,3 +304,4 @@ class EvalConfig:
             raise ValueError(f"max_cases must be >= 1, got {self.max_cases}.")
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}.")
+        _check_space(self)

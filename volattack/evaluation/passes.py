@@ -56,12 +56,14 @@ class CasePasses:
         seed: the run seed.
         out: run directory (outputs are written below it).
         device: where the cases are evaluated.
+        class_names: class index -> name (``evaluate.goal`` names classes by them).
     """
 
     def __init__(self, model: nn.Module, surrogate: Optional[nn.Module], eval_cfg: EvalConfig,
                  preprocess: PreprocessConfig, intensity: Any, num_classes: int, seed: int, out: Path,
-                 device: torch.device) -> None:
+                 device: torch.device, class_names: Optional[Mapping[int, str]] = None) -> None:
         from volattack.data.transforms import build_transforms
+        from volattack.evaluation.goal_config import bind_goal
 
         self.cfg, self.pre, self.intensity, self.k, self.seed, self.out, self.device = (
             eval_cfg, preprocess, intensity, num_classes, seed, out, device)
@@ -72,6 +74,8 @@ class CasePasses:
         self.transforms = build_transforms(preprocess, mode="eval")
         self.patch_size = list(eval_cfg.patch_size or preprocess.roi_size)
         self.undefended = model
+        self.goal = bind_goal(eval_cfg.goal, class_names, num_classes)  # evaluate.goal by class index
+        self.case_goal: Any = None  # the goal on the current case (resolve_goal)
         self.model, self.grad_model = model, model  # scored / differentiated by the zero-gradient check
         self.defended: Optional[nn.Module] = None
         self.adaptive: Optional[nn.Module] = None
@@ -91,7 +95,7 @@ class CasePasses:
         self.unbounded = None
         if eval_cfg.sanity_checks and eval_cfg.sanity_unbounded_steps > 0:
             width = self.bounds[1] - self.bounds[0]
-            self.unbounded = self._create("pgd", crafting, eps=width, alpha=width / 8,
+            self.unbounded = self._create("pgd", crafting, eps=width, alpha=width / 8, targeted=False,
                                           steps=eval_cfg.sanity_unbounded_steps, measure_ssim=False)
 
     def row_labels(self) -> list[str]:
@@ -102,6 +106,8 @@ class CasePasses:
         from volattack.attacks import create_attack
 
         inferer = None if self.cfg.threat_model == "patch" else self.inferer
+        if self.goal is not None and self.goal.targeted:
+            kw.setdefault("targeted", True)
         return create_attack(name, model, inferer=inferer, bounds=self.bounds, seed=self.seed,
                                        unit_scale=self.unit_scale, **kw)
 
@@ -146,8 +152,24 @@ class CasePasses:
 
             return attack_patchwise(atk, data.image, data.label, self.patch_size, self.cfg.patch_overlap,
                                     tile_batch=self.cfg.sw_batch_size, seed=seed_from(self.seed, index))
-        res = atk.run(data.image, data.label, seed=self.seed, sample_ids=[index])
+        goal = self.case_goal.run_kwargs(atk) if self.case_goal is not None and atk is not self.unbounded else {}
+        res = atk.run(data.image, data.label, seed=self.seed, sample_ids=[index], **goal)
         return res.adv, res.info
+
+    def resolve_goal(self, outcome: Any, data: CaseData, cid: str) -> Any:
+        """Set the case's goal (target map, mask: :func:`~volattack.evaluation.goals.resolve_case_goal`)
+        and the NSD tolerance on its clean ``outcome``; returns the outcome."""
+        outcome.nsd_tolerance_mm = self.cfg.nsd_tolerance_mm
+        self.case_goal = None
+        if self.goal is not None:
+            from volattack.evaluation.goals import resolve_case_goal
+
+            self.case_goal = resolve_case_goal(
+                self.goal, clean_pred=outcome.pred, label=data.label, image=data.image, affine=data.affine,
+                spacing=data.spacing, bounds=self.bounds, units=self.pre.units, where=f"case {cid}",
+                to_source=self.intensity.to_source if self.unit_scale is not None else None)
+            outcome.goal = self.case_goal
+        return outcome
 
     def zero_grad_fraction(self, data: CaseData) -> float:
         """Fraction of input voxels whose Dice-CE gradient is exactly zero (gradient masking check)."""
@@ -235,13 +257,14 @@ class CasePasses:
         case_seed = self.seed + index
         self.reseed(case_seed)
         clean_pred = self.predict(data.image)
-        clean = clean_outcome(clean_pred, data, self.k)
+        clean = self.resolve_goal(clean_outcome(clean_pred, data, self.k), data, cid)
         record = CaseRecord(case=cid, image=str(entry.get("image")), label=str(entry.get("label")), index=index,
                             seed=case_seed, shape=list(data.image.shape[2:]), spacing_mm=data.spacing,
                             clean=score(clean, clean_row=True))
         if self.defended is not None:
-            record.clean_undefended = score(clean_outcome(self.predict(data.image, self.undefended), data, self.k),
-                                            clean_row=True)
+            bare = clean_outcome(self.predict(data.image, self.undefended), data, self.k)
+            bare.nsd_tolerance_mm = self.cfg.nsd_tolerance_mm
+            record.clean_undefended = score(bare, clean_row=True)
         if self.cfg.save_pred:
             record.outputs.append(self._write("predictions", cid, "clean", clean_pred, data.affine))
         shown: Optional[tuple] = None

@@ -26,6 +26,7 @@ from typing import Any, Optional
 
 from volattack.evaluation import columns as schema
 from volattack.evaluation.columns import DEFAULT_UNITS, FormatContext
+from volattack.evaluation.goal_config import goal_text
 from volattack.evaluation.records import Row, Summary
 from volattack.utils import atomic_write_text
 
@@ -88,21 +89,61 @@ def interval_table(results: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def per_class_table(results: dict[str, Any]) -> str:
-    """Mean Dice per foreground class, clean and per attack, as Markdown (with the 95% bootstrap
-    interval over cases when the results have one)."""
-    summ = Summary.from_dict(results["summary"])
-    col = schema.get_column("dice_per_class")
-    k = len(summ.clean.get("dice_per_class") or [])
+def class_heads(results: dict[str, Any], k: int) -> list[str]:
+    """The names of foreground classes 1..k (``results["class_names"]``; ``class c`` without a name)."""
     names = results.get("class_names") or {}
-    heads = [names.get(str(c), f"class {c}") for c in range(1, k + 1)]
-    lines = ["| Attack | " + " | ".join(heads) + " |", "|" + "---|" * (k + 1)]
-    for r in [summ.clean, *summ.attacks.values()]:
-        cis = r.get("dice_per_class" + schema.CI_SUFFIX) or []
-        cells = [schema.with_interval(col, {col.key: v, col.key + schema.CI_SUFFIX: cis[j] if j < len(cis) else None})
-                 for j, v in enumerate(r.get("dice_per_class") or [])]
+    return [names.get(str(c), f"class {c}") for c in range(1, k + 1)]
+
+
+def per_class_table(results: dict[str, Any], key: str = "dice_per_class", classes: Optional[list[int]] = None) -> str:
+    """The mean per foreground class of the per-class column ``key`` (default Dice), clean and per
+    attack, as Markdown headed by class name (with the 95% bootstrap interval over cases when the
+    results have one); ``classes``: only these class indices (default all)."""
+    summ = Summary.from_dict(results["summary"])
+    col = schema.get_column(key)
+    rows = [r for r in [summ.clean, *summ.attacks.values()] if r.get(key) is not None]
+    k = max((len(r.get(key) or []) for r in rows), default=0)
+    keep = [c for c in (classes or range(1, k + 1)) if 1 <= c <= k]
+    heads = class_heads(results, k)
+    lines = ["| Attack | " + " | ".join(heads[c - 1] for c in keep) + " |", "|" + "---|" * (len(keep) + 1)]
+    for r in rows:
+        vals, cis = r.get(key) or [], r.get(key + schema.CI_SUFFIX) or []
+        cells = [schema.with_interval(col, {col.key: vals[c - 1] if c - 1 < len(vals) else None,
+                                            col.key + schema.CI_SUFFIX: cis[c - 1] if c - 1 < len(cis) else None})
+                 for c in keep]
         lines.append(f"| {r.label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def nsd_lines(results: dict[str, Any]) -> list[str]:
+    """The per-class NSD table of the report (empty for results written before NSD existed)."""
+    if results["summary"]["clean"].get("nsd_per_class") is None:
+        return []
+    return [f"NSD per class (tolerance {results.get('nsd_tolerance_mm', 2.0):g} mm):", "",
+            per_class_table(results, "nsd_per_class"), ""]
+
+
+def goal_lines(results: dict[str, Any]) -> list[str]:
+    """The report section of ``evaluate.goal`` (empty without one): the goal by class name, the
+    target Dice, the reached and the removed fraction per row, the removed fraction per removed
+    organ by name."""
+    goal = results.get("goal")
+    if not goal:
+        return []
+    names = {v: int(k) for k, v in (results.get("class_names") or {}).items()}
+    lines = ["## Attack goal", "", f"- goal: {goal_text(goal, units_of(results))}", ""]
+    summ = Summary.from_dict(results["summary"])
+    cols = [schema.get_column(k) for k in ("target_dice", "target_reached", "removed_fraction")]
+    lines += ["| Attack | " + " | ".join(c.header for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for r in [summ.clean, *summ.attacks.values()]:
+        lines.append(f"| {r.label} | " + " | ".join(schema.with_interval(c, r.values) for c in cols) + " |")
+    removed = [*(goal.get("remove") or []), *(goal.get("relabel") or {})]
+    idx = [names[n] if n in names else int(str(n).split()[-1]) for n in removed
+           if n in names or str(n).split()[-1].isdigit()]
+    if idx:
+        lines += ["", "Removed fraction per removed organ (of its clean-predicted voxels):", "",
+                  per_class_table(results, "removed_fraction_per_class", idx)]
+    return lines + [""]
 
 
 def size_table(results: dict[str, Any]) -> list[str]:
@@ -218,6 +259,8 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
         "",
         per_class_table(results),
         "",
+        *nsd_lines(results),
+        *goal_lines(results),
         *size_table(results),
     ]
     if results.get("sanity") is not None:

@@ -49,8 +49,10 @@ from volattack.evaluation import columns as schema
 from volattack.evaluation.cache import CacheKey, CaseCache, case_key, run_key_parts
 from volattack.evaluation.cases import case_id, load_case  # noqa: F401  (load_case: re-exported)
 from volattack.evaluation.config import EvalConfig
+from volattack.evaluation.goals import check_goal
 from volattack.evaluation.passes import CasePasses
 from volattack.evaluation.records import CaseRecord, FailedCase
+from volattack.evaluation.source_passes import SourcePasses, check_source_run
 from volattack.evaluation.summary import summarize
 from volattack.utils import atomic_write_json, atomic_write_text, versions
 from volattack.yaml_config import dump_yaml, to_dict
@@ -131,13 +133,16 @@ def _results(passes: CasePasses, records: list[CaseRecord], failed: list[FailedC
                     for lbl, n, kw in passes.runs],
         "row_passes": [rp.describe() for rp in passes.row_passes],
         "fooling_threshold": cfg.fooling_threshold,
+        "goal": passes.goal.describe() if passes.goal is not None else None,
+        "nsd_tolerance_mm": cfg.nsd_tolerance_mm,
         "world_size": world,
         "cases": [r.to_dict() for r in records],
         "failed": [f.to_dict() for f in failed],
         "summary": summarize(records, labels, cfg.fooling_threshold).to_dict(),
         "timings": {"evaluate_seconds": seconds},
         "intensity_units": passes.pre.units,
-        "bounds": list(passes.bounds),
+        "bounds": list(getattr(passes, "run_bounds", passes.bounds)),
+        "space": cfg.space,
         "intensity": passes.intensity.describe(),
     }
     if passes.defended is not None:
@@ -186,6 +191,7 @@ def evaluate(
     model_digest: Optional[str] = None,
     surrogate_digest: Optional[str] = None,
     intensity: Any = None,
+    loaded: Any = None,
 ) -> dict[str, Any]:
     """Evaluate ``model`` clean and under every attack of ``eval_cfg`` on ``cases``.
 
@@ -211,15 +217,21 @@ def evaluate(
             computed when not given); the cache key of every case.
         surrogate_digest: the same for the surrogate.
         intensity: the model's intensity model (default: the one of ``preprocess``).
+        loaded: the ``LoadedModel`` of ``model``, needed by ``space: source`` (:mod:`~volattack.evaluation.source_passes`).
 
     Returns:
         The results dictionary written to ``results.json`` (on every rank under torchrun).
+
+    Length: the run's steps in order (checks before any file, setup, cases, gather, outputs), one call each.
     """
     from volattack.data.intensity import intensity_from_preprocess
     from volattack.distributed import barrier, setup_distributed
     from volattack.ops import module_digest
     from volattack.utils import resolve_device
 
+    check_goal(eval_cfg.goal, class_names, num_classes, list(cases)[: eval_cfg.max_cases])  # before any file
+    if eval_cfg.space == "source":  # bad budgets, units and label grids fail before any file
+        cases = check_source_run(eval_cfg, cases, loaded, intensity or intensity_from_preprocess(preprocess))
     dist_ctx, device = setup_distributed(resolve_device(eval_cfg.device))
     out = Path(out_dir)
     if dist_ctx.rank == 0:
@@ -229,7 +241,9 @@ def evaluate(
     model = model.to(device).eval()
     surrogate = surrogate.to(device).eval() if surrogate is not None else None
     intensity = intensity if intensity is not None else intensity_from_preprocess(preprocess)
-    passes = CasePasses(model, surrogate, eval_cfg, preprocess, intensity, num_classes, seed, out, device)
+    passes = SourcePasses(loaded, eval_cfg, preprocess, intensity, num_classes, seed, out, device) if (
+        eval_cfg.space == "source") else CasePasses(model, surrogate, eval_cfg, preprocess, intensity, num_classes,
+                                                    seed, out, device, class_names=class_names)
     run_parts = run_key_parts(
         eval_options=to_dict(eval_cfg), preprocess=to_dict(preprocess), attacks=passes.runs, seed=seed,
         num_classes=num_classes, weights=model_digest or module_digest(model), model_info=model_info,

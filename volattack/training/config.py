@@ -10,7 +10,9 @@ from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from volattack.checks import check_bool, check_choice, is_finite_number, is_int
-from volattack.defenses.config import AdversaryConfig
+from volattack.defenses.config import AdversaryConfig, DefenseConfig
+from volattack.threats.config import PoisonConfig  # train.poison
+from volattack.training.distill import DistillConfig, check_objective
 from volattack.yaml_config import ConfigError
 
 #: names accepted by ``TrainConfig.lr_schedule`` (see :func:`scheduled_lr`)
@@ -78,6 +80,17 @@ class TrainConfig:
             crop gets ``clamp(x + N(0, noise_sigma^2 I), b_min, b_max)`` in model-input units before
             the model (or the adversary) sees it, so that the model can be certified by randomized
             smoothing at that sigma (Cohen, Rosenfeld & Kolter, ICML 2019; ``volattack.certify``).
+        temperature: softmax temperature T of the training loss (finite, > 0): its cross-entropy
+            term sees ``logits / T``, its Dice term ``logits`` (the teacher of defensive
+            distillation, :mod:`volattack.training.distill`); the checkpoint is used at T = 1.
+        distill: train a defensively distilled student from a teacher checkpoint
+            (:class:`~volattack.training.distill.DistillConfig`), or ``None``.
+        defense: input transforms in front of the model during training, also crafted through by
+            the adversary (the hybrid defence, :mod:`volattack.defenses.hybrid`), or ``None``.
+        poison: backdoor poisoning of the training cases
+            (:class:`~volattack.threats.config.PoisonConfig`: trigger, rate, target behaviour by
+            class name, clean-label, seed; :func:`volattack.threats.poison.poison_training_cases`),
+            or ``None``.
     """
 
     epochs: int = 50
@@ -95,6 +108,10 @@ class TrainConfig:
     device: Optional[str] = None
     adversary: AdversaryConfig = field(default_factory=AdversaryConfig)
     noise_sigma: float = 0.0
+    temperature: float = 1.0
+    distill: Optional[DistillConfig] = None
+    defense: Optional[DefenseConfig] = None
+    poison: Optional[PoisonConfig] = None
 
     def __post_init__(self) -> None:
         self.validate()
@@ -135,6 +152,9 @@ class TrainConfig:
             raise ValueError(f"train.noise_sigma must be a finite number >= 0 (input units), got {self.noise_sigma!r}.")
         if not isinstance(self.adversary, AdversaryConfig):
             raise ValueError(f"train.adversary must be an AdversaryConfig, got {type(self.adversary).__name__}.")
+        if self.poison is not None and not isinstance(self.poison, PoisonConfig):
+            raise ValueError(f"train.poison must be a PoisonConfig or None, got {type(self.poison).__name__}.")
+        check_objective(self)  # temperature, distill, defense (volattack.training.distill)
 
 
 def _check_int(name: str, value: Any, low: int) -> None:

@@ -75,6 +75,18 @@ def load_split(data_cfg: DataConfig, key: str, optional: bool) -> list[dict[str,
     return load_datalist(data_cfg.datalist, key=key, base_dir=data_cfg.base_dir)
 
 
+def poison_split(train_list: list[dict[str, Any]], poison: Any, data_cfg: DataConfig,
+                 out: Union[str, os.PathLike]) -> list[dict[str, Any]]:
+    """The ``train.poison`` hook: the training split with ``round(rate * n)`` cases poisoned
+    (:func:`volattack.threats.poison.poison_training_cases`; ids in ``<out>/poison.json``), or the
+    split itself when ``poison`` is ``None``. Every check runs before anything is written."""
+    if poison is None:
+        return train_list
+    from volattack.threats.poison import poison_training_cases
+
+    return poison_training_cases(poison, train_list, data_cfg, out)
+
+
 def shard_indices(n: int, epoch_seed: int, rank: int, world_size: int) -> list[int]:
     """The training cases of one rank in one epoch (``DistributedSampler(drop_last=True)`` style).
 

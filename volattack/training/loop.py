@@ -49,6 +49,7 @@ from volattack.training.config import TrainConfig, scheduled_lr, validate_train_
 from volattack.training.data import (
     epoch_seed,
     load_split,
+    poison_split,
     private_rng,
     rank_seed,
     train_loader,
@@ -212,6 +213,7 @@ class _Run:
     scaler: Optional[Any] = None  # torch.amp.GradScaler for float16 (CUDA), kept over the whole run
     steps_per_epoch: int = 1
     configs: dict[str, Any] = field(default_factory=dict)
+    objective: Optional[Any] = None  # the loss: train.temperature / distill / defense (training.distill)
 
     @property
     def main(self) -> bool:
@@ -224,6 +226,7 @@ class _Run:
         """Seeded model (identical on every rank), optimizer, resume or fine-tune, roi check and
         adversary: everything that can fail on the config before any data is cached."""
         from volattack.defenses.adversarial import build_adversary
+        from volattack.training.distill import build_objective
 
         _check_split_sizes(data_cfg, len(train_list), len(val_list), ctx)
         main = ctx.rank == 0
@@ -239,13 +242,15 @@ class _Run:
         amp_dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if train_cfg.amp else None
         # The adversary holds the unwrapped network: its eval-mode switch and input-gradient
         # passes never touch DDP's hooks or buffers. Built now, so a bad name or budget fails at once.
-        attack = build_adversary(train_cfg.adversary, net, bounds=(float(pre.b_min), float(pre.b_max)), seed=seed,
-                                 amp_dtype=amp_dtype)
+        objective = build_objective(train_cfg, model_cfg, net, device, seed=seed)  # teacher, sanitiser
+        attack = build_adversary(train_cfg.adversary, objective.attack_model,
+                                 bounds=(float(pre.b_min), float(pre.b_max)), seed=seed, amp_dtype=amp_dtype)
+        train_list = poison_split(train_list, train_cfg.poison, data_cfg, out)  # train.poison (threats.poison)
         if main:
             out.mkdir(parents=True, exist_ok=True)
         configs = {"model": asdict(model_cfg), "train": asdict(train_cfg), "data": asdict(data_cfg)}
         return cls(model_cfg, train_cfg, data_cfg, out, ctx, device, seed, net, optimizer, state, attack,
-                   train_list, val_list, amp_dtype=amp_dtype, configs=configs)
+                   train_list, val_list, amp_dtype=amp_dtype, configs=configs, objective=objective)
 
     def write_log(self) -> None:
         if self.main:
@@ -305,8 +310,6 @@ class _Run:
 
     def _epoch(self, epoch: int) -> None:
         """Train, validate, checkpoint and log epoch ``epoch`` (1-based)."""
-        from monai.losses import DiceCELoss
-
         cfg, ctx, device = self.train_cfg, self.ctx, self.device
         t_epoch = time.perf_counter()
         eseed, rseed = epoch_seed(self.seed, epoch), rank_seed(self.seed, epoch, ctx)  # equal in one process
@@ -315,7 +318,7 @@ class _Run:
         with private_rng(rseed, device):
             loader = train_loader(self.datasets[0], cfg.batch_size, cfg.num_workers, eseed, rseed, ctx)
             losses = train_epoch(
-                self.model, loader, self.optimizer, DiceCELoss(to_onehot_y=True, softmax=True), device=device,
+                self.model, loader, self.optimizer, self.objective, device=device,
                 attack=self.attack, adv_cfg=cfg.adversary,
                 lr_at=lambda it: scheduled_lr(cfg.lr, cfg.lr_schedule, first_step + it, total_steps),
                 amp_dtype=self.amp_dtype, scaler=self.scaler, seed=rseed,

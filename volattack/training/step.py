@@ -160,6 +160,8 @@ def _batch_loss(model: nn.Module, image: torch.Tensor, label: torch.Tensor, loss
     autocast; the attack restores train mode)."""
     from volattack.defenses.adversarial import adversarial_loss
 
+    if hasattr(loss_fn, "batch_loss"):  # train.temperature / distill / defense (volattack.training.distill)
+        return loss_fn.batch_loss(model, image, label, attack, adv_cfg, amp_dtype, step_seed, ids, device)
     if attack is None:
         with torch.autocast(device.type, dtype=amp_dtype or torch.bfloat16, enabled=amp_dtype is not None):
             return loss_fn(model(image), label)
