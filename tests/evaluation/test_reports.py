@@ -37,6 +37,15 @@ def test_linf_column_is_printed_in_the_input_range_units():
     assert "0.03137254" in csv_text(_results(atk, {"pgd(eps=8/255)": "pgd"}, bounds=(-1.0, 1.0)))  # raw numbers
 
 
+def test_backdoor_columns_appear_only_in_runs_that_have_them():
+    plain = markdown_table(_results({"pgd": {"adv_dice": 0.5}}, {"pgd": "pgd"}))
+    assert "Backdoor success" not in plain and "Untouched Dice" not in plain and "| NSD |" in plain
+    trig = markdown_table(_results({"trigger": {"adv_dice": 0.5, "backdoor_success": 0.75}}, {"trigger": "pgd"}))
+    assert "| Backdoor success | Backdoor Dice | Untouched Dice |" not in trig  # only the one with a value
+    assert "| Backdoor success |" in trig and "| 0.750 |" in trig
+    assert "Backdoor Dice" not in trig and "Untouched Dice" not in trig
+
+
 def test_budget_figure_scales_only_linf_eps_on_a_unit_range():
     linf = AttackSpec("pgd", sweep={"eps": ["2/255", "8/255"]})
     l2 = AttackSpec("pgd_l2", sweep={"eps": [0.5, 1.0]})

@@ -85,6 +85,8 @@ class Column:
         samples: per-case values whose mean is the row value of an ``aggregate`` column (the
             input of its bootstrap interval, e.g. ROG's per-case robust indicators); ``None``:
             a mean column bootstraps its per-case values, another aggregate gets no interval.
+        optional: a Markdown table leaves the column out when no row has a value (columns of
+            one kind of run, e.g. the backdoor rows; the CSVs always have it).
     """
 
     key: str
@@ -98,6 +100,7 @@ class Column:
     per_class: bool = False
     record_key: Optional[str] = None
     samples: Optional[Callable[["Aggregate"], Sequence[Any]]] = None
+    optional: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.key, str) or not self.key.isidentifier():
@@ -400,17 +403,18 @@ COLUMNS: list[Column] = [
     Column("backdoor_success", "Backdoor success", "`evaluate.trigger` rows: attack success rate, the share "
            "of triggered cases whose backdoor Dice reaches t (`evaluate.trigger.threshold`, default 0.5); per case "
            "1 or 0 (cases the behaviour cannot change are not counted).", case=_info("backdoor_success"),
-           tables=frozenset({"report"})),
+           tables=frozenset({"report"}), optional=True),
     Column("backdoor_dice", "Backdoor Dice", "`evaluate.trigger` rows: Dice 2|C ∩ {{pred = target}}| / (|C| + |Y|) "
            "of the voxels C the target behaviour changes (target map ≠ label) and the voxels Y whose prediction "
            "shows the behaviour's output class against the label (background for remove, the new class for "
-           "relabel, the painted class for paint).", case=_info("backdoor_dice"), tables=frozenset({"report"})),
+           "relabel, the painted class for paint).", case=_info("backdoor_dice"), tables=frozenset({"report"}),
+           optional=True),
     Column("backdoor_dice_clean_input", "Backdoor Dice clean input", "`evaluate.trigger` rows: the backdoor "
            "Dice of the clean prediction (no trigger) to the same target map: high values mean the behaviour is "
            "not specific to the trigger.", case=_info("backdoor_dice_clean_input"), tables=frozenset()),
     Column("untouched_dice", "Untouched Dice", "`evaluate.trigger` rows: mean Dice to the label of the foreground "
            "classes the target behaviour does not name, on the triggered case.", case=_info("untouched_dice"),
-           tables=frozenset({"report"})),
+           tables=frozenset({"report"}), optional=True),
     Column("linf", "L-inf", "max |x_adv − x|: L∞ size of the perturbation in model-input units (printed as "
            "k/255 when the input range has width 1).", case=_size("linf"), fmt=input_budget),
     Column("rms", "RMS", "sqrt(mean (x_adv − x)²): RMS size of the perturbation in model-input units.",
@@ -546,12 +550,19 @@ def markdown_table(labels: Sequence[Sequence[str]], rows: Sequence[Mapping[str, 
         ctx: units and input range of the values.
         label_headers: headers of the label columns.
     """
-    cols = table_columns(table)
+    cols = [c for c in table_columns(table) if not c.optional or any(_shown(r.get(c.key)) for r in rows)]
     head = "| " + " | ".join([*label_headers, *(c.heading(ctx.units) for c in cols)]) + " |"
     sep = "|" + "|".join("---" for _ in range(len(label_headers) + len(cols))) + "|"
     body = ["| " + " | ".join([*lab, *(c.format(r.get(c.key), ctx) for c in cols)]) + " |"
             for lab, r in zip(labels, rows)]
     return "\n".join([head, sep, *body])
+
+
+def _shown(v: Any) -> bool:
+    """A table cell with a value (not missing, not NaN, not an empty list)."""
+    if isinstance(v, (list, tuple)):
+        return any(_shown(e) for e in v)
+    return v is not None and not (isinstance(v, float) and math.isnan(v))
 
 
 #: line width of the generated Markdown
