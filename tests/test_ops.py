@@ -56,3 +56,22 @@ def test_module_digest_includes_dtype(dtype):
     other = torch.nn.Linear(2, 2)
     other.load_state_dict({k: v.float() for k, v in m.state_dict().items()})
     assert (module_digest(m) == module_digest(other)) == (dtype == torch.float32)
+
+
+def test_registry_register_class_names_checks_base_and_refuses_duplicates():
+    from volattack.registry import Registry
+
+    reg: Registry = Registry("widget")
+
+    class Base:
+        pass
+
+    @reg.register_class("round", Base)
+    class Round(Base):
+        pass
+
+    assert Round.name == "round" and reg.get("round") is Round and reg.names() == ["round"]
+    with pytest.raises(ValueError, match="widget 'square' must be a Base subclass"):
+        reg.register_class("square", Base)(int)
+    with pytest.raises(ValueError, match="widget 'round' is already registered"):
+        reg.register_class("round")(type("Other", (Base,), {}))

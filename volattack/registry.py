@@ -8,7 +8,7 @@ registered names.
 from __future__ import annotations
 
 import difflib
-from typing import Any, Callable, Generic, Iterable, TypeVar
+from typing import Any, Callable, Generic, Iterable, Optional, TypeVar
 
 T = TypeVar("T")
 
@@ -38,6 +38,22 @@ class Registry(Generic[T]):
                 raise ValueError(f"{self.kind} '{name}' is already registered.")
             self._items[name] = fn
             return fn
+
+        return deco
+
+    def register_class(self, name: str, base: Optional[type] = None) -> Callable[[type], type]:
+        """Class decorator that registers ``cls`` under ``name`` and sets ``cls.name = name``.
+
+        Raises:
+            ValueError: ``base`` is given and ``cls`` is not a subclass of it; a duplicate name.
+        """
+
+        def deco(cls: type) -> type:
+            if base is not None and not (isinstance(cls, type) and issubclass(cls, base)):
+                raise ValueError(f"{self.kind} {name!r} must be a {base.__name__} subclass, got {cls!r}.")
+            self.register(name)(cls)
+            cls.name = name  # type: ignore[attr-defined]
+            return cls
 
         return deco
 

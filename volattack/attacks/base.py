@@ -61,12 +61,7 @@ TargetSpec = Union[torch.Tensor, Callable[[torch.Tensor], torch.Tensor], None]
 def register_attack(name: str) -> Callable[[type], type]:
     """Class decorator registering an :class:`Attack` subclass under ``name`` (sets ``cls.name``)."""
 
-    def deco(cls: type) -> type:
-        cls.name = name
-        ATTACKS.register(name)(cls)
-        return cls
-
-    return deco
+    return ATTACKS.register_class(name)
 
 
 def list_attacks() -> list[str]:

@@ -195,14 +195,15 @@ class CasePasses:
             rec.unbounded_pgd_dice = clean_outcome(self.predict(adv), data, self.k).dice
         return rec
 
-    def expected_outputs(self, cid: str) -> list[str]:
-        """Files the configuration asks for case ``cid`` (relative to the run directory)."""
+    def expected_outputs(self, cid: str, adv_suffix: str = ".nii.gz") -> list[str]:
+        """Files the configuration asks for case ``cid`` (relative to the run directory);
+        adversarial scans end in ``adv_suffix``."""
         files = []
         if self.cfg.save_pred:
             files.append(f"predictions/{cid}_clean.nii.gz")
         for lbl, _, _ in self.runs:
             if self.cfg.save_adv:
-                files.append(f"adversarial/{cid}_{slug(lbl)}.nii.gz")
+                files.append(f"adversarial/{cid}_{slug(lbl)}{adv_suffix}")
             if self.cfg.save_pred:
                 files.append(f"predictions/{cid}_{slug(lbl)}.nii.gz")
         return files

@@ -257,14 +257,7 @@ class SourcePasses(CasePasses):
     # ------------------------------------------------------------------ outputs
     def expected_outputs(self, cid: str, image: Any = None) -> list[str]:
         """Files the configuration asks for case ``cid`` (adversarial scans in the source's format)."""
-        suffix = scan_suffix(image) if image is not None else ".nii.gz"
-        files = [f"predictions/{cid}_clean.nii.gz"] if self.cfg.save_pred else []
-        for lbl, _, _ in self.runs:
-            if self.cfg.save_adv:
-                files.append(f"adversarial/{cid}_{slug(lbl)}{suffix}")
-            if self.cfg.save_pred:
-                files.append(f"predictions/{cid}_{slug(lbl)}.nii.gz")
-        return files
+        return super().expected_outputs(cid, scan_suffix(image) if image is not None else ".nii.gz")
 
     def missing_outputs(self, record: CaseRecord) -> list[str]:
         b = record.clean.info.get("source_bounds")

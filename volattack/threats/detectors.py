@@ -54,12 +54,7 @@ Volumes = Union[torch.Tensor, Sequence[torch.Tensor]]
 def register_detector(name: str) -> Callable[[type], type]:
     """Class decorator registering a :class:`Detector` subclass under ``name`` (sets ``cls.name``)."""
 
-    def deco(cls: type) -> type:
-        cls.name = name
-        DETECTORS.register(name)(cls)
-        return cls
-
-    return deco
+    return DETECTORS.register_class(name)
 
 
 def list_detectors() -> list[str]:

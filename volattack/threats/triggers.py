@@ -46,11 +46,7 @@ TRIGGERS: Registry = Registry("trigger")
 def register_trigger(name: str) -> Callable[[type], type]:
     """Class decorator: register a :class:`Trigger` subclass as ``name``."""
 
-    def deco(cls: type) -> type:
-        cls.name = name
-        return TRIGGERS.register(name)(cls)
-
-    return deco
+    return TRIGGERS.register_class(name)
 
 
 def list_triggers() -> list[str]:

@@ -26,13 +26,7 @@ ROW_PASSES: Registry = Registry("row pass")
 def register_row_pass(name: str):
     """Class decorator: register a :class:`RowPass` subclass as ``name``."""
 
-    def deco(cls: type) -> type:
-        if not (isinstance(cls, type) and issubclass(cls, RowPass)):
-            raise ValueError(f"register_row_pass({name!r}) needs a RowPass subclass, got {cls!r}.")
-        cls.name = name
-        return ROW_PASSES.register(name)(cls)
-
-    return deco
+    return ROW_PASSES.register_class(name, RowPass)
 
 
 class RowPass:

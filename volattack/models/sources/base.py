@@ -230,13 +230,10 @@ def register_source(name: str) -> Callable[[type], type]:
     """
 
     def deco(cls: type) -> type:
-        if not (isinstance(cls, type) and issubclass(cls, ModelSource)):
-            raise ValueError(f"model source {name!r} must be a ModelSource subclass, got {cls!r}.")
-        if cls.can_open is ModelSource.can_open or cls.load is ModelSource.load:
+        if isinstance(cls, type) and issubclass(cls, ModelSource) and (
+                cls.can_open is ModelSource.can_open or cls.load is ModelSource.load):
             raise ValueError(f"model source {name!r} ({cls.__name__}) must define can_open(path) and load(path, ...).")
-        SOURCES.register(name)(cls)
-        cls.name = name
-        return cls
+        return SOURCES.register_class(name, ModelSource)(cls)
 
     return deco
 

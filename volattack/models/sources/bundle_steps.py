@@ -44,7 +44,30 @@ class LinearIntensity(Step):
                 "b_max": self.b_max}
 
 
-class ImageZScore(Step):
+class _PerImage(Step):
+    """An intensity step computed from each image's own values (``_one``): per sample, or per
+    sample and channel with ``channel_wise``; probabilities pass back unchanged (``invert``).
+
+    Shape:
+        ``(B, C, *spatial)`` -> the same.
+    """
+
+    channel_wise: bool = False
+
+    def _one(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_spatial(x, None, "x")
+        if self.channel_wise:
+            return torch.stack([torch.stack([self._one(x[b, c]) for c in range(x.shape[1])]) for b in range(x.shape[0])])
+        return torch.stack([self._one(x[b]) for b in range(x.shape[0])])
+
+    def invert(self, p: torch.Tensor) -> torch.Tensor:
+        return p
+
+
+class ImageZScore(_PerImage):
     """MONAI ``NormalizeIntensity``: ``(x - mean) / std`` with the image's own statistics (or the
     fixed ``subtrahend``/``divisor`` where given), over the nonzero voxels only when ``nonzero``
     (zeros stay zero) and per channel when ``channel_wise``; ``std`` is the population standard
@@ -75,21 +98,12 @@ class ImageZScore(Step):
         out = (x - mean) / std
         return torch.where(mask, out, x) if mask is not None else out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_spatial(x, None, "x")
-        if self.channel_wise:
-            return torch.stack([torch.stack([self._one(x[b, c]) for c in range(x.shape[1])]) for b in range(x.shape[0])])
-        return torch.stack([self._one(x[b]) for b in range(x.shape[0])])
-
-    def invert(self, p: torch.Tensor) -> torch.Tensor:
-        return p
-
     def describe(self) -> dict[str, Any]:
         return {"kind": "image_zscore", "subtrahend": self.subtrahend, "divisor": self.divisor,
                 "nonzero": self.nonzero, "channel_wise": self.channel_wise}
 
 
-class ImageMinMax(Step):
+class ImageMinMax(_PerImage):
     """MONAI ``ScaleIntensity(minv, maxv)`` (``rescale_array``): the image's own ``[min, max]`` ->
     ``[minv, maxv]`` (``(x - min) / (max - min)`` when either is ``None``; a constant image times
     ``minv``), over the whole image or per channel (``channel_wise``); differentiable through the
@@ -113,15 +127,6 @@ class ImageMinMax(Step):
         if self.minv is None or self.maxv is None:
             return norm
         return norm * (self.maxv - self.minv) + self.minv
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self._check_spatial(x, None, "x")
-        if self.channel_wise:
-            return torch.stack([torch.stack([self._one(x[b, c]) for c in range(x.shape[1])]) for b in range(x.shape[0])])
-        return torch.stack([self._one(x[b]) for b in range(x.shape[0])])
-
-    def invert(self, p: torch.Tensor) -> torch.Tensor:
-        return p
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "image_minmax", "minv": self.minv, "maxv": self.maxv, "channel_wise": self.channel_wise}
