@@ -40,6 +40,18 @@ def _add_goal(p: argparse.ArgumentParser) -> None:
                         "evaluate.goal.mask)")
 
 
+#: ``volattack list`` sections: name -> (module, function returning the registered names)
+LISTINGS: dict[str, tuple[str, str]] = {
+    "attacks": ("volattack.attacks", "list_attacks"),
+    "models": ("volattack.models.zoo", "list_models"),
+    "objectives": ("volattack.attacks.objectives", "list_objectives"),
+    "defenses": ("volattack.defenses.registry", "list_defenses"),
+    "sources": ("volattack.models.sources.base", "list_sources"),
+    "triggers": ("volattack.threats.triggers", "list_triggers"),
+    "detectors": ("volattack.threats.detectors", "list_detectors"),
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (no heavy imports)."""
     parser = argparse.ArgumentParser(
@@ -116,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="FILE.md",
                    help="write the Markdown table here and the CSV beside it (FILE.csv); default: print Markdown")
 
-    p = sub.add_parser("list", help="list registered attacks, models or objectives")
-    p.add_argument("what", nargs="?", default="all", choices=["all", "attacks", "models", "objectives"])
+    p = sub.add_parser("list", help="list the registered attacks, models, objectives, defences, model sources, "
+                                    "triggers or detectors")
+    p.add_argument("what", nargs="?", default="all", choices=["all", *LISTINGS])
     return parser
 
 
@@ -274,19 +287,12 @@ def cmd_leaderboard(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
+    import importlib
+
     lines = []
-    if args.what in ("all", "attacks"):
-        import volattack
-
-        lines.append("attacks: " + ", ".join(volattack.list_attacks()))
-    if args.what in ("all", "models"):
-        from volattack.models.zoo import list_models
-
-        lines.append("models: " + ", ".join(list_models()))
-    if args.what in ("all", "objectives"):
-        from volattack.attacks.objectives import OBJECTIVES
-
-        lines.append("objectives: " + ", ".join(OBJECTIVES))
+    for what, (module, fn) in LISTINGS.items():
+        if args.what in ("all", what):
+            lines.append(f"{what}: " + ", ".join(getattr(importlib.import_module(module), fn)()))
     sys.stdout.write("\n".join(lines) + "\n")
     return EXIT_OK
 
