@@ -69,12 +69,12 @@ def setup(tmp_path_factory):
     return root, cases, ckpt
 
 
-def _eval(root: Path, cases, ckpt, name: str, **ev):
+def _eval(root: Path, cases, ckpt, name: str, class_names=None, **ev):
     kw = {"space": "source", "attacks": [AttackSpec("pgd", params={"eps": 8, "alpha": 2, "steps": 2})],
           "figures": False, "sanity_unbounded_steps": 1, **ev}
     loaded = load_model(ckpt)
     return evaluate(loaded.module, cases, root / name, eval_cfg=EvalConfig(**kw), preprocess=PRE, num_classes=5,
-                    loaded=loaded, progress=False, model_digest=loaded.digest)
+                    loaded=loaded, progress=False, model_digest=loaded.digest, class_names=class_names)
 
 
 def _digest(p: str) -> str:
@@ -248,3 +248,28 @@ def test_model_space_stays_the_default(setup):
                    progress=False)
     assert res["space"] == "model" and not res["failed"] and res["bounds"] == [0.0, 1.0]
     assert res["cases"][0]["shape"] != list(SHAPE)  # the preprocessed (reoriented, resampled, cropped) grid
+
+
+def test_goal_in_source_space_removes_the_organ_only_inside_the_mask(setup, tmp_path):
+    """A targeted removal with a box mask on the scan's own grid: the perturbation of the written
+    int16 file is zero outside the box, and the goal columns are measured on the read-back file."""
+    from volattack.evaluation.goal_config import GoalConfig
+
+    root, cases, ckpt = setup
+    scan = read_scan(cases[0]["image"])
+    ijk = np.stack(np.meshgrid(*[np.arange(n) for n in SHAPE], indexing="ij"), -1).reshape(-1, 3)
+    world = ijk @ scan.affine[:3, :3].T + scan.affine[:3, 3]
+    lo, hi = np.percentile(world, 25, axis=0), np.percentile(world, 75, axis=0)  # a box in the middle
+    goal = GoalConfig(target={"remove": ["liver"]}, mask={"box": [*lo.tolist(), *hi.tolist()]})
+    names = {0: "background", 1: "liver", 2: "spleen", 3: "kidney_left", 4: "kidney_right"}
+    res = _eval(root, cases[:1], ckpt, "goal", class_names=names, goal=goal, save_adv=True, sanity_checks=False,
+                attacks=[AttackSpec("pgd", params={"eps": 16, "alpha": 4, "steps": 3})])
+    row = res["summary"]["attacks"]["pgd(eps=16, alpha=4, steps=3)"]
+    assert 0.0 <= row["removed_fraction"] <= 1.0 and 0.0 <= row["target_reached"] <= 1.0
+    assert res["summary"]["clean"]["target_dice"] is not None
+    (written,) = (root / "goal" / "adversarial").iterdir()
+    delta = np.asarray(nib.load(str(written)).dataobj, dtype=np.int32) - np.asarray(
+        nib.load(cases[0]["image"]).dataobj, dtype=np.int32)
+    inside = ((world >= lo) & (world <= hi)).all(1).reshape(SHAPE)
+    assert np.abs(delta[~inside]).max() == 0 and np.abs(delta[inside]).max() > 0
+    assert np.abs(delta).max() <= 16

@@ -154,7 +154,7 @@ def _check_space(cfg: "EvalConfig") -> None:
     if cfg.space == "source":
         unsupported = {"threat_model": cfg.threat_model != "volume", "surrogate_checkpoint": cfg.surrogate_checkpoint,
                        "defense": cfg.defense, "certify": cfg.certify, "corruptions": cfg.corruptions,
-                       "match": cfg.match, "goal": getattr(cfg, "goal", None), "trigger": getattr(cfg, "trigger", None)}
+                       "match": cfg.match, "trigger": getattr(cfg, "trigger", None)}
         bad = [k for k, v in unsupported.items() if v]
         if bad:
             raise ValueError(f"space: source attacks the deployed pipeline itself (threat_model: volume, white box, "

@@ -24,7 +24,7 @@ import logging
 import time
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -156,18 +156,22 @@ class CasePasses:
         res = atk.run(data.image, data.label, seed=self.seed, sample_ids=[index], **goal)
         return res.adv, res.info
 
-    def resolve_goal(self, outcome: Any, data: CaseData, cid: str) -> Any:
+    def resolve_goal(self, outcome: Any, data: CaseData, cid: str, *, bounds: Optional[Sequence[float]] = None,
+                     units: Optional[str] = None, to_source: Optional[Callable] = None) -> Any:
         """Set the case's goal (target map, mask: :func:`~volattack.evaluation.goals.resolve_case_goal`)
-        and the NSD tolerance on its clean ``outcome``; returns the outcome."""
+        and the NSD tolerance on its clean ``outcome``; returns the outcome. ``bounds``, ``units``
+        and ``to_source`` (input -> source units) default to the model input's."""
         outcome.nsd_tolerance_mm = self.cfg.nsd_tolerance_mm
         self.case_goal = None
         if self.goal is not None:
             from volattack.evaluation.goals import resolve_case_goal
 
+            if to_source is None and self.unit_scale is not None:
+                to_source = self.intensity.to_source
             self.case_goal = resolve_case_goal(
                 self.goal, clean_pred=outcome.pred, label=data.label, image=data.image, affine=data.affine,
-                spacing=data.spacing, bounds=self.bounds, units=self.pre.units, where=f"case {cid}",
-                to_source=self.intensity.to_source if self.unit_scale is not None else None)
+                spacing=data.spacing, bounds=self.bounds if bounds is None else bounds,
+                units=self.pre.units if units is None else units, where=f"case {cid}", to_source=to_source)
             outcome.goal = self.case_goal
         return outcome
 

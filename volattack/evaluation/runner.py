@@ -241,7 +241,8 @@ def evaluate(
     model = model.to(device).eval()
     surrogate = surrogate.to(device).eval() if surrogate is not None else None
     intensity = intensity if intensity is not None else intensity_from_preprocess(preprocess)
-    passes = SourcePasses(loaded, eval_cfg, preprocess, intensity, num_classes, seed, out, device) if (
+    passes = SourcePasses(loaded, eval_cfg, preprocess, intensity, num_classes, seed, out, device,
+                          class_names=class_names) if (
         eval_cfg.space == "source") else CasePasses(model, surrogate, eval_cfg, preprocess, intensity, num_classes,
                                                     seed, out, device, class_names=class_names)
     run_parts = run_key_parts(

@@ -193,12 +193,14 @@ class SourcePasses(CasePasses):
 
     Args:
         loaded: the :class:`~volattack.models.sources.base.LoadedModel` (its ``deploy`` or its module).
-        eval_cfg, preprocess, intensity, num_classes, seed, out, device: as :class:`CasePasses`.
+        eval_cfg, preprocess, intensity, num_classes, seed, out, device, class_names: as
+            :class:`CasePasses` (``evaluate.goal`` names classes by ``class_names``).
     """
 
     def __init__(self, loaded: Any, eval_cfg: Any, preprocess: Any, intensity: Any, num_classes: int, seed: int,
-                 out: Path, device: torch.device) -> None:
-        super().__init__(loaded.module, None, eval_cfg, preprocess, intensity, num_classes, seed, out, device)
+                 out: Path, device: torch.device, class_names: Optional[Mapping[int, str]] = None) -> None:
+        super().__init__(loaded.module, None, eval_cfg, preprocess, intensity, num_classes, seed, out, device,
+                         class_names=class_names)
         self.loaded = loaded
         own = loaded.preprocessing.config  # the model's own preprocessing (a volattack checkpoint) comes first
         if own is not None:
@@ -227,6 +229,8 @@ class SourcePasses(CasePasses):
         from volattack.attacks import create_attack
 
         bounds = getattr(model, "bounds", None) or self.bounds
+        if self.goal is not None and self.goal.targeted:
+            kw.setdefault("targeted", True)
         kw.setdefault("measure_ssim", False)  # the sizes that count are measured on the read-back file
         return create_attack(name, model, inferer=None, bounds=bounds, seed=self.seed, unit_scale=1.0, **kw)
 
@@ -286,7 +290,8 @@ class SourcePasses(CasePasses):
         from volattack.data.source import read_scan, write_scan
 
         atk = self._create(name, pipe, **kw)
-        res = atk.run(data.image, data.label, seed=self.seed, sample_ids=[index])
+        goal = self.case_goal.run_kwargs(atk) if self.case_goal is not None else {}
+        res = atk.run(data.image, data.label, seed=self.seed, sample_ids=[index], **goal)
         eps = getattr(atk, "eps", None) if getattr(atk, "linf_budget", False) else None
         q = quantize_adv(scan, res.adv, data.image, pipe.bounds, eps)
         path = folder / f"{cid}_{slug(lbl)}{scan_suffix(scan.path) if scan.format != 'dicom' else ''}"
@@ -307,7 +312,7 @@ class SourcePasses(CasePasses):
             return rec
         width = pipe.bounds[1] - pipe.bounds[0]
         atk = self._create("pgd", pipe, eps=width, alpha=width / 8, steps=self.cfg.sanity_unbounded_steps,
-                           measure_ssim=False)
+                           measure_ssim=False, targeted=False)
         adv = atk.run(data.image, data.label, seed=self.seed, sample_ids=[index]).adv
         rec.unbounded_pgd_dice = clean_outcome(pipe.predict(adv), data, self.k).dice
         return rec
@@ -322,8 +327,10 @@ class SourcePasses(CasePasses):
                         list(scan.spacing))
         self.case_bounds[cid] = pipe.bounds
         clean_pred = pipe.predict(data.image)
-        clean = clean_outcome(clean_pred, data, self.k)
-        clean.nsd_tolerance_mm = float(getattr(self.cfg, "nsd_tolerance_mm", clean.nsd_tolerance_mm))
+        # the goal on the scan's own grid: its target map, its mask (body above the HU threshold of
+        # the source values themselves, near an organ in mm, a box in world mm)
+        clean = self.resolve_goal(clean_outcome(clean_pred, data, self.k), data, cid, bounds=pipe.bounds,
+                                  units=pipe.units, to_source=lambda t: t)
         record = CaseRecord(case=cid, image=str(entry.get("image")), label=str(entry.get("label")), index=index,
                             seed=self.seed + index, shape=list(scan.shape), spacing_mm=list(scan.spacing),
                             clean=score(clean, clean_row=True))
