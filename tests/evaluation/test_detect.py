@@ -112,6 +112,44 @@ def test_end_to_end_writes_detect_json_and_md(tiny_run, capsys):
     assert "| spectral |" in md and "| uncertainty |" in md
 
 
+def test_rerun_reuses_finished_blocks_and_new_weights_recompute(tiny_run, capsys, caplog, monkeypatch):
+    import logging
+
+    import torch
+
+    import volattack.evaluation.detect as detect
+    from volattack.models.checkpoint import save_checkpoint
+    from volattack.models.config import ModelConfig
+    from volattack.models.zoo import create_model
+
+    root, datalist, ckpt = tiny_run
+    cfg = _write(root, datalist, ckpt, "[{name: spectral, params: {bands: 4}}]", "resume")
+    assert main(["detect", cfg, "--quiet"]) == 0
+    first_json, first_md = (root / "resume" / "detect.json").read_text(), (root / "resume" / "detect.md").read_text()
+    assert len(list((root / "resume" / "blocks").glob("*.json"))) == 1
+    calls = []
+    real = detect._attack_block
+    monkeypatch.setattr(detect, "_attack_block", lambda *a, **k: calls.append(a[1]) or real(*a, **k))
+    (root / "resume" / "detect.json").unlink()  # as if killed after the block, before the report
+    with caplog.at_level(logging.INFO, logger="volattack.evaluation.detect"):
+        assert main(["detect", cfg, "--quiet"]) == 0
+    assert calls == [] and "reusing the finished block pgd(eps=8/255, steps=1)" in caplog.text
+    assert (root / "resume" / "detect.json").read_text() == first_json
+    assert (root / "resume" / "detect.md").read_text() == first_md
+    torch.manual_seed(1)  # other weights at the same path: the block is recomputed
+    mcfg = ModelConfig(name="unet", out_channels=5, kwargs={"channels": [4, 8], "strides": [2]})
+    from volattack.data.config import PreprocessConfig
+
+    save_checkpoint(ckpt, create_model("unet", 1, 5, channels=[4, 8], strides=[2]), mcfg,
+                    preprocess=PreprocessConfig(spacing=None, roi_size=[16, 16, 16]))
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="volattack.evaluation.detect"):
+        assert main(["detect", cfg, "--quiet"]) == 0
+    assert calls == ["pgd(eps=8/255, steps=1)"] and "no finished block with its key" in caplog.text
+    assert len(list((root / "resume" / "blocks").glob("*.json"))) == 2
+    capsys.readouterr()
+
+
 def test_bad_input_fails_before_any_work_and_writes_nothing(tiny_run, capsys):
     root, datalist, ckpt = tiny_run
     cfg = _write(root, datalist, ckpt, "[{name: mahalanobis, params: {layer: model.9}}]", "bad_layer")

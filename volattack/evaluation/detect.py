@@ -24,6 +24,13 @@ Case i of the fitting split is attacked with sample id i, case j of the test spl
 ``n_fit + j``; the detectors get the run seed. Everything is validated (names with suggestions,
 parameters, layers, case counts) before any attack runs; ``detect.json`` and ``detect.md`` are
 written atomically once everything is done.
+
+Resuming: each finished attack block (one attack and budget with all its detectors) is written
+atomically to ``blocks/<key>.json``, its key the digest of what produced it (the ``detect``
+section without its attack list, the attack and budget, the network's weights, the preprocessing,
+the number of classes, the seed and the bytes of every fitting and test file). Rerunning the same
+command after an interruption reuses the finished blocks and computes the rest; a block whose key
+differs (other weights, a rewritten case, another detector) is recomputed, and the log says so.
 """
 
 from __future__ import annotations
@@ -340,6 +347,45 @@ def _attack_block(run: _Run, label: str, name: str, kw: Mapping[str, Any], fit: 
             "detectors": rows}
 
 
+def _run_key(network: torch.nn.Module, cfg: DetectConfig, preprocess: Any, num_classes: int, seed: int,
+             fit_cases: Sequence[Mapping[str, Any]], test_cases: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """What every attack block of a run depends on (module docstring, "Resuming")."""
+    from volattack.evaluation.cache import path_digest
+    from volattack.ops import module_digest
+
+    def files(cases: Sequence[Mapping[str, Any]]) -> list[dict[str, str]]:
+        return [{k: path_digest(str(c[k])) for k in ("image", "label") if c.get(k)} for c in cases]
+
+    section = {k: v for k, v in to_dict(cfg).items() if k != "attacks"}
+    return {"detect": section, "weights": module_digest(network), "preprocess": to_dict(preprocess),
+            "num_classes": num_classes, "seed": seed, "fit": files(fit_cases), "test": files(test_cases)}
+
+
+def _cached_block(out: Path, base_key: Mapping[str, Any], label: str, name: str, kw: Mapping[str, Any],
+                  compute: Any) -> dict[str, Any]:
+    """The attack block ``label`` from ``out/blocks/<key>.json`` when it was finished with the same
+    key, else ``compute()``, written there atomically before it is returned."""
+    import json
+
+    from volattack.evaluation.cache import digest
+
+    key = digest({**base_key, "label": label, "name": name, "params": {k: str(v) for k, v in kw.items()}})
+    path = out / "blocks" / f"{key}.json"
+    if path.is_file():
+        try:
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            logger.warning("detect: recomputing %s: its saved block %s is unreadable (%s)", label, path, e)
+        else:
+            logger.info("detect: reusing the finished block %s (%s)", label, path)
+            return saved
+    elif (out / "blocks").is_dir():
+        logger.info("detect: computing %s (no finished block with its key %s: new attack, weights, cases or "
+                    "detectors)", label, key)
+    atomic_write_json(path, compute())
+    return json.loads(path.read_text(encoding="utf-8"))  # as a resumed run reads it (NaN -> null)
+
+
 def run_detection(network: torch.nn.Module, fit_cases: Sequence[Mapping[str, Any]],
                   test_cases: Sequence[Mapping[str, Any]], out_dir: str | Path, *, cfg: DetectConfig,
                   preprocess: Any, num_classes: int, seed: int = 0, model_info: Optional[dict[str, Any]] = None,
@@ -377,7 +423,10 @@ def run_detection(network: torch.nn.Module, fit_cases: Sequence[Mapping[str, Any
             raise ValueError(f"detect.detectors[{i}] ({spec.label}): {e}") from e
     fit, test = run.load(fit_cases, preprocess), run.load(test_cases, preprocess)
     clean_dice = [run.dice(x, y) for x, y in test]
-    blocks = [_attack_block(run, label, spec.name, kw, fit, test, clean_dice)
+    base_key = _run_key(network, cfg, preprocess, num_classes, seed, fit_cases, test_cases)
+    blocks = [_cached_block(Path(out_dir), base_key, label, spec.name, kw,
+                            lambda label=label, name=spec.name, kw=kw: _attack_block(run, label, name, kw, fit, test,
+                                                                                     clean_dice))
               for spec in cfg.attacks for label, kw in spec.expand()]
     results = {"seed": seed, "model": model_info or {}, "config": to_dict(cfg), "bounds": list(run.bounds),
                "unit_scale": run.unit_scale, "fit_cases": [str(c.get("image")) for c in fit_cases],
@@ -392,10 +441,19 @@ def run_detection(network: torch.nn.Module, fit_cases: Sequence[Mapping[str, Any
 
 
 # ------------------------------------------------------------------------ report
+def _missing(v: Any) -> bool:
+    """No number: ``None`` (NaN as JSON stores it) or NaN."""
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def _num(v: Any, digits: int = 2) -> str:
+    return "-" if _missing(v) else f"{v:.{digits}f}"
+
+
 def _ci(e: Mapping[str, Any], digits: int = 3) -> str:
-    if e is None or e.get("value") is None:
+    if e is None or _missing(e.get("value")):
         return "-"
-    if math.isnan(e.get("lo", math.nan)):
+    if _missing(e.get("lo")) or _missing(e.get("hi")):
         return f"{e['value']:.{digits}f}"
     return f"{e['value']:.{digits}f} [{e['lo']:.{digits}f}, {e['hi']:.{digits}f}]"
 
@@ -419,11 +477,11 @@ def detect_markdown(results: Mapping[str, Any]) -> str:
         for row in block["detectors"]:
             na, ad = row["non_adaptive"], row.get("adaptive")
             cells = [row["detector"], _ci(na["auroc"]), _ci(na["tpr_at_fpr"]),
-                     f"{na['tpr_at_threshold']:.2f} / {na['fpr_at_threshold']:.2f}"]
+                     f"{_num(na['tpr_at_threshold'])} / {_num(na['fpr_at_threshold'])}"]
             if ad:
                 cells += [_ci(ad["auroc"]), _ci(ad["tpr_at_fpr"]),
-                          f"{ad['tpr_at_threshold']:.2f} / {ad['fpr_at_threshold']:.2f}", _ci(ad["dice_drop"]),
-                          f"{ad['drop_ratio']:.2f}", _ci(ad["drop_minus_half"])]
+                          f"{_num(ad['tpr_at_threshold'])} / {_num(ad['fpr_at_threshold'])}", _ci(ad["dice_drop"]),
+                          _num(ad["drop_ratio"]), _ci(ad["drop_minus_half"])]
             else:
                 cells += ["-"] * 6
             lines.append("| " + " | ".join(cells) + " |")
