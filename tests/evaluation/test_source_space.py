@@ -180,7 +180,7 @@ def test_quantize_keeps_the_linf_budget_after_rounding():
     np.testing.assert_array_equal(q2.reshape(-1), [9.0, 2.0, -1023.0, 101.0])  # grid points inside the bounds
 
 
-@pytest.mark.parametrize("case", ["fraction", "mri", "label_grid", "no_model"])
+@pytest.mark.parametrize("case", ["fraction", "mri", "label_grid", "channel_files", "no_model"])
 def test_bad_inputs_fail_before_any_attack_and_leave_no_file(setup, tmp_path, case):
     root, cases, ckpt = setup
     loaded = load_model(ckpt)
@@ -198,6 +198,9 @@ def test_bad_inputs_fail_before_any_attack_and_leave_no_file(setup, tmp_path, ca
         img = nib.load(other["label"])
         nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, :-1], img.affine), str(tmp_path / "short.nii.gz"))
         run_cases, match = [{"image": other["image"], "label": str(tmp_path / "short.nii.gz")}], "is not on the grid"
+    elif case == "channel_files":
+        run_cases = [{"image": [cases[0]["image"], cases[0]["image"]], "label": cases[0]["label"]}]
+        match = "is 2 channel files .* store the channels as one 4-D NIfTI"
     else:
         loaded, match = None, "needs the LoadedModel"
     ev = EvalConfig(space="source", attacks=[AttackSpec("pgd", params=params)], figures=False)

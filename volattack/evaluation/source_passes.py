@@ -127,6 +127,11 @@ def _check_label_grid(entry: Mapping[str, Any]) -> None:
     img, lab = _first_image(entry), entry.get("label")
     if not img or not lab:
         raise ValueError(f"space: source needs an image and a label per case, got {dict(entry)!r}.")
+    files = entry.get("image")
+    if isinstance(files, (list, tuple)) and len(files) > 1:
+        raise ValueError(f"space: source writes the adversarial scan back like its source, and the image of this case "
+                         f"is {len(files)} channel files ({', '.join(map(str, files))}): writing one file per channel "
+                         "is not supported yet; store the channels as one 4-D NIfTI (I, J, K, C).")
     gi, gl = read_geometry(img), read_geometry(lab)
     if gi is None or gl is None:
         return
@@ -138,7 +143,8 @@ def _check_label_grid(entry: Mapping[str, Any]) -> None:
 def check_source_run(cfg: Any, cases: Sequence[Mapping[str, Any]], loaded: Any, intensity: Any) -> list[Any]:
     """Every bad input of a ``space: source`` run that can be seen before anything is written: a
     missing model (``loaded``), budgets that do not fit the source units (:func:`check_units`),
-    labels on another grid than their images (headers only).
+    labels on another grid than their images (headers only), images given as several channel
+    files (which cannot be written back as one scan).
 
     Returns:
         ``cases`` as a list.
