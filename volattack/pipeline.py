@@ -115,7 +115,9 @@ def run_evaluate(cfg: RunConfig, out_dir: Path, *, checkpoint: Optional[str] = N
     surrogate, sur_info = (_load_model(cfg.evaluate.surrogate_checkpoint, trust_bundle)
                            if cfg.evaluate.surrogate_checkpoint else (None, None))
     cases = load_datalist(cfg.data.datalist, key=split, base_dir=cfg.data.base_dir)
-    names = _class_names(cfg.data.datalist) or dict(model.class_names)
+    from volattack.data.datalist import datalist_class_names
+
+    names = datalist_class_names(cfg.data.datalist) or dict(model.class_names)
     return evaluate(
         model.module,
         cases,
@@ -315,14 +317,6 @@ def _validate_adversary(cfg: RunConfig) -> None:
         build_adversary(cfg.train.adversary, torch.nn.Conv3d(1, 1, 1))
     except (ValueError, TypeError) as e:
         raise ConfigError(f"train.adversary: {e}") from e
-
-
-def _class_names(datalist: str) -> dict[int, str]:
-    try:
-        labels = json.loads(Path(datalist).read_text()).get("labels", {})
-        return {int(k): str(v) for k, v in labels.items()}
-    except (OSError, ValueError, AttributeError):
-        return {}
 
 
 def config_from_checkpoint_dir(checkpoint: str) -> Optional[dict[str, Any]]:

@@ -355,3 +355,17 @@ def test_dicom_round_trip_through_the_deployed_bundle(tmp_path):
     assert 0 < np.abs(back.array - scan.array).max() <= 30.0
     from_disk = float(mean_foreground_dice(loaded.deploy(back).predict(torch.as_tensor(back.array)[None]), clean, 3))
     assert abs(from_disk - reported) <= 0.005 and reported < 1.0
+
+
+@pytest.mark.parametrize("minv, maxv", [(-1.0, 1.0), (0.0, 1.0), (2.0, None)])
+def test_image_minmax_equals_monais_scale_intensity_also_on_a_constant_image(minv, maxv):
+    from monai.transforms import ScaleIntensity
+
+    from volattack.models.sources.bundle_steps import ImageMinMax
+
+    step = ImageMinMax(minv, maxv)
+    varied = torch.linspace(-3.0, 5.0, 2 * 4 * 4 * 4).reshape(1, 2, 4, 4, 4)
+    constant = torch.full((1, 1, 4, 4, 4), 7.0)
+    for x in (varied, constant):
+        expected = torch.as_tensor(ScaleIntensity(minv=minv, maxv=maxv)(x[0]))[None]
+        torch.testing.assert_close(step(x), expected)

@@ -120,3 +120,14 @@ def _case(entry: Any, where: str, base: Path, require_label: bool, check_files: 
         if check_files and not Path(case[k]).exists():
             raise FileNotFoundError(f"{where}: {k} file not found: {case[k]!r}.")
     return case
+
+
+def datalist_class_names(datalist: Union[str, "os.PathLike[str]"]) -> dict[int, str]:
+    """The ``labels`` of a datalist JSON (index -> name, as MSD's ``dataset.json`` has them);
+    empty when the file has none or cannot be read."""
+    try:
+        labels = json.loads(Path(datalist).read_text(encoding="utf-8")).get("labels", {})
+        return {int(k): str(v) for k, v in labels.items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+

@@ -154,7 +154,7 @@ class UncertaintyDetector(FeatureDetector):
         fg = (z.detach().argmax(1).flatten() != 0)
         if not bool(fg.any()):
             fg = torch.ones_like(fg)
-        q = torch.tensor(self.quantiles, dtype=entropy.dtype)
+        q = torch.tensor(self.quantiles, dtype=entropy.dtype, device=entropy.device)
         out = []
         for v in (entropy[fg], margin[fg]):
             out.append(v.mean().reshape(1))

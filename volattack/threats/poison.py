@@ -27,6 +27,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 
 from volattack.checks import check_number, is_int
+from volattack.data.datalist import datalist_class_names
 from volattack.threats.config import PoisonConfig, TriggerSpec, check_target
 from volattack.threats.triggers import Trigger, create_trigger
 
@@ -154,15 +155,6 @@ class Poisoner:
         return x_t, target_map(label, self.resolved, self.trigger.mask(image, affine))
 
 
-def dataset_class_names(datalist: str) -> dict[int, str]:
-    """``labels`` of a datalist JSON (index -> name); empty when it has none."""
-    try:
-        labels = json.loads(Path(datalist).read_text()).get("labels", {})
-        return {int(k): str(v) for k, v in labels.items()}
-    except (OSError, ValueError, AttributeError):
-        return {}
-
-
 def build_trigger(spec: TriggerSpec, intensity: Any) -> tuple[Trigger, Optional[str]]:
     """The trigger of ``spec`` for a model of intensity model ``intensity`` (bounds, unit scale);
     a learned trigger's ``surrogate`` (checkpoint path) is returned apart, to be fitted."""
@@ -241,7 +233,7 @@ def poison_training_cases(cfg: PoisonConfig, train_list: Sequence[Mapping[str, A
 
     if not isinstance(cfg, PoisonConfig):
         raise ValueError(f"train.poison must be a PoisonConfig, got {type(cfg).__name__}.")
-    names = dict(class_names) if class_names else dataset_class_names(data_cfg.datalist)
+    names = dict(class_names) if class_names else datalist_class_names(data_cfg.datalist)
     if not names:
         raise ValueError(f"train.poison.target names classes, but the datalist {data_cfg.datalist!r} has no "
                          "'labels' (index -> name); add them.")
@@ -293,5 +285,5 @@ def read_record(run: str | Path) -> dict[str, Any]:
     return json.loads(p.read_text())
 
 
-__all__ = ["Poisoner", "RECORD", "affected_classes", "build_trigger", "choose_poisoned", "dataset_class_names",
+__all__ = ["Poisoner", "RECORD", "affected_classes", "build_trigger", "choose_poisoned",
            "output_classes", "poison_training_cases", "read_record", "resolve_target", "target_map"]

@@ -121,12 +121,10 @@ class ImageMinMax(_PerImage):
 
     def _one(self, x: torch.Tensor) -> torch.Tensor:
         lo, hi = x.min(), x.max()
-        if bool(lo == hi):
-            return x * self.minv if self.minv is not None else x
-        norm = (x - lo) / (hi - lo)
-        if self.minv is None or self.maxv is None:
-            return norm
-        return norm * (self.maxv - self.minv) + self.minv
+        same = hi == lo  # a constant image (decided on the device: no host sync in an attack step)
+        norm = (x - lo) / torch.where(same, torch.ones_like(hi), hi - lo)
+        scaled = norm if self.minv is None or self.maxv is None else norm * (self.maxv - self.minv) + self.minv
+        return torch.where(same, x * self.minv if self.minv is not None else x, scaled)
 
     def describe(self) -> dict[str, Any]:
         return {"kind": "image_minmax", "minv": self.minv, "maxv": self.maxv, "channel_wise": self.channel_wise}
