@@ -103,6 +103,25 @@ class ImageZScore(_PerImage):
                 "nonzero": self.nonzero, "channel_wise": self.channel_wise}
 
 
+class ImageFactor(_PerImage):
+    """MONAI ``ScaleIntensity(minv=None, maxv=None, factor=f)``: ``x * (1 + f)``; with ``f`` also
+    ``None`` MONAI leaves the image as it is, and so does this step. ``invert``: identity.
+
+    Shape:
+        ``(1, C, *spatial)`` -> the same.
+    """
+
+    def __init__(self, factor: Optional[float] = None) -> None:
+        super().__init__()
+        self.factor = None if factor is None else float(factor)
+
+    def _one(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.factor is None else x * (1.0 + self.factor)
+
+    def describe(self) -> dict[str, Any]:
+        return {"kind": "image_factor", "factor": self.factor}
+
+
 class ImageMinMax(_PerImage):
     """MONAI ``ScaleIntensity(minv, maxv)`` (``rescale_array``): the image's own ``[min, max]`` ->
     ``[minv, maxv]`` (``(x - min) / (max - min)`` when either is ``None``; a constant image times
