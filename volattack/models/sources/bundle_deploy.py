@@ -28,8 +28,9 @@ Percentilesd``                  channel-wise)
 ``NormalizeIntensityd``         ``Intensity`` of a ``ZScoreIntensity`` (fixed subtrahend and
                                 divisor), else :class:`ImageZScore` (the image's own statistics,
                                 ``nonzero``, ``channel_wise``)
-``ScaleIntensityd``             :class:`ImageMinMax` (the image's own min and max), or
-                                :class:`ImageFactor` when ``minv`` and ``maxv`` are ``None``
+``ScaleIntensityd``             :class:`ImageMinMax` (the image's own min and max), or, when
+                                ``minv`` and ``maxv`` are ``None``, ``x * (1 + factor)`` as a
+                                :class:`LinearIntensity` (no step without a factor)
 ``CropForegroundd``             :class:`~volattack.inference.steps.Crop` (or :class:`PadCrop` when
                                 the box leaves the grid or the postprocessing has ``Invertd``) to
                                 the box the bundle's own ``CropForeground`` computes on the clean
@@ -59,7 +60,7 @@ import torch
 
 from volattack.inference.deployed import DeployedPipeline, SoftmaxHead
 from volattack.inference.steps import Crop, Intensity, Orient, Resample, Step
-from volattack.models.sources.bundle_steps import ImageFactor, ImageMinMax, ImageZScore, LinearIntensity, PadCrop
+from volattack.models.sources.bundle_steps import ImageMinMax, ImageZScore, LinearIntensity, PadCrop, factor_step
 
 logger = logging.getLogger(__name__)
 
@@ -229,7 +230,7 @@ class BundleDeployment:
             bad = {k: a.get(k) for k in ("relative", "channel_wise") if a.get(k)}
             bad.update({k: None for k in ("b_min", "b_max") if a.get(k) is None})
         elif t.base == "ScaleIntensity":
-            pass  # every form: min-max (ImageMinMax) or, with minv and maxv None, x * (1 + factor) (ImageFactor)
+            pass  # every form: min-max (ImageMinMax) or, with minv and maxv None, x * (1 + factor) (factor_step)
         elif t.base in ("SpatialPad", "DivisiblePad"):
             if str(t.per_key("mode", self.image_key)) not in ("constant", "PytorchPadMode.CONSTANT", "NumpyPadMode.CONSTANT"):
                 bad["mode"] = t.per_key("mode", self.image_key)
@@ -324,7 +325,7 @@ class BundleDeployment:
         if t.base in ("ScaleIntensityRange", "ScaleIntensityRangePercentiles", "NormalizeIntensity"):
             return _intensity_step(t, self.modality)
         if t.base == "ScaleIntensity" and a.get("minv") is None and a.get("maxv") is None:
-            return ImageFactor(a.get("factor"))
+            return factor_step(a.get("factor"))
         if t.base == "ScaleIntensity":
             return ImageMinMax(a.get("minv"), a.get("maxv"), channel_wise=bool(a.get("channel_wise")))
         if t.base == "CropForeground":

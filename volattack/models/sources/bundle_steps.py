@@ -44,6 +44,14 @@ class LinearIntensity(Step):
                 "b_max": self.b_max}
 
 
+def factor_step(factor: Optional[float]) -> Optional[LinearIntensity]:
+    """MONAI ``ScaleIntensity(minv=None, maxv=None, factor=f)``: ``x * (1 + f)``, which is the
+    :class:`LinearIntensity` ``(0, 1) -> (0, 1 + f)``; ``None`` (no step) where ``f`` is ``None``,
+    because MONAI then leaves the image as it is.
+    """
+    return None if factor is None else LinearIntensity(0.0, 1.0, 0.0, 1.0 + float(factor))
+
+
 class _PerImage(Step):
     """An intensity step computed from each image's own values (``_one``): per sample, or per
     sample and channel with ``channel_wise``; probabilities pass back unchanged (``invert``).
@@ -101,25 +109,6 @@ class ImageZScore(_PerImage):
     def describe(self) -> dict[str, Any]:
         return {"kind": "image_zscore", "subtrahend": self.subtrahend, "divisor": self.divisor,
                 "nonzero": self.nonzero, "channel_wise": self.channel_wise}
-
-
-class ImageFactor(_PerImage):
-    """MONAI ``ScaleIntensity(minv=None, maxv=None, factor=f)``: ``x * (1 + f)``; with ``f`` also
-    ``None`` MONAI leaves the image as it is, and so does this step. ``invert``: identity.
-
-    Shape:
-        ``(1, C, *spatial)`` -> the same.
-    """
-
-    def __init__(self, factor: Optional[float] = None) -> None:
-        super().__init__()
-        self.factor = None if factor is None else float(factor)
-
-    def _one(self, x: torch.Tensor) -> torch.Tensor:
-        return x if self.factor is None else x * (1.0 + self.factor)
-
-    def describe(self) -> dict[str, Any]:
-        return {"kind": "image_factor", "factor": self.factor}
 
 
 class ImageMinMax(_PerImage):
