@@ -226,6 +226,43 @@ def test_input_gradient_is_exact(model_dir, scan_file):
     torch.testing.assert_close(x.grad, xr.grad, rtol=1e-3, atol=1e-5 * float(xr.grad.abs().max()))
 
 
+def _grad(pipe, x0, w):
+    x = x0.clone().requires_grad_(True)
+    (pipe(x) * w).sum().backward()
+    return x.grad
+
+
+def test_kept_activations_give_the_same_gradient(model_dir, scan_file):
+    """Keeping every pass's graph, some of them, or none (every pass recomputed) gives the same
+    input gradient, and the budget decides how many passes are kept."""
+    scan = read_scan(scan_file)
+    x0 = torch.from_numpy(scan.array)[None]
+    w = torch.randn((1, 5) + tuple(x0.shape[2:]), generator=torch.Generator().manual_seed(1))
+    full = load_model(model_dir, fp16_accumulation=False).deploy(scan)
+    g_all = _grad(full, x0, w)
+    passes = full.head.network_passes()
+    assert full.head.last_kept == passes and full.head.last_pass_bytes > 0
+    per_pass_mb = full.head.last_pass_bytes / 2 ** 20
+    part = load_model(model_dir, fp16_accumulation=False, keep_activations_mb=2.5 * per_pass_mb).deploy(scan)
+    g_part = _grad(part, x0, w)
+    assert part.head.last_kept == 2
+    none = load_model(model_dir, fp16_accumulation=False, keep_activations_mb="0").deploy(scan)
+    g_none = _grad(none, x0, w)
+    assert none.head.last_kept == 0 and none.head.last_pass_bytes is None
+    assert g_all.abs().max() > 0
+    torch.testing.assert_close(g_part, g_all, rtol=1e-5, atol=1e-7 * float(g_all.abs().max()))
+    torch.testing.assert_close(g_none, g_all, rtol=1e-5, atol=1e-7 * float(g_all.abs().max()))
+    # a second step starts from an empty cache (the graphs of the first were released)
+    torch.testing.assert_close(_grad(full, x0, w), g_all, rtol=1e-5, atol=1e-7 * float(g_all.abs().max()))
+    assert "keep_activations_mb" not in full.describe()["head"]  # the result does not depend on it
+
+
+@pytest.mark.parametrize("bad", [-1, "many", float("nan"), True])
+def test_bad_keep_activations_is_named(model_dir, bad):
+    with pytest.raises(ValueError, match="keep_activations_mb"):
+        load_model(model_dir, keep_activations_mb=bad)
+
+
 @pytest.mark.parametrize("spacings", [((1.5, 1.5, 3.0), (1.2, 1.4, 2.5)), ((4.5, 1.0, 1.0), (1.5, 1.2, 0.8))])
 def test_resampling_operator_is_nnunets(spacings):
     from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape, resample_data_or_seg_to_shape

@@ -17,11 +17,18 @@ division, the fold mean, the resampled logits), which reproduces its probabiliti
 ``False`` keeps float32 throughout (agreement to about 2e-3). The rounding is treated as the
 identity in the backward pass (straight-through).
 
-Gradient: the forward pass runs without autograd; the backward pass recomputes window by window,
-fold by fold and flip by flip, each network pass followed at once by its vector-Jacobian product,
-so that at most one window's activations are alive (the technique of
-:class:`~volattack.inference.sliding.WindowedInferer`). The softmax and the back-resampling are
-differentiated in closed form (``p * (g - <p, g>)`` and the transposed resampling matrices).
+Gradient: a whole-volume loss needs every window's logits before any window's backward. The
+forward pass keeps the autograd graphs of as many network passes as fit ``keep_activations_mb``
+(measured from the tensors autograd saves for the first pass); the backward pass runs the
+vector-Jacobian product of each kept pass directly and recomputes the others window by window,
+fold by fold and flip by flip, each recomputed pass followed at once by its VJP, so that beyond the
+budget at most one window's activations are alive (the technique of
+:class:`~volattack.inference.sliding.WindowedInferer`). With ``keep_activations_mb=0`` no graph is
+kept: every pass runs twice (no-grad forward, recomputation), the peak memory is one window's
+activations plus O(voxels) buffers. With a budget the peak grows by at most that budget, and a pass
+that was kept costs one forward and one backward, as the bare network would. The two give the same
+gradient. The softmax and the back-resampling are differentiated in closed form
+(``p * (g - <p, g>)`` and the transposed resampling matrices).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
+from volattack.checks import check_number
 from volattack.inference.nnunet_steps import NnunetResize
 
 
@@ -58,6 +66,8 @@ class NnunetHead(nn.Module):
         resize_in: the normalised cropped image -> the configuration's spacing.
         resize_out: the logits back to the cropped grid.
         fp16_accumulation: emulate nnU-Net's float16 buffers.
+        keep_activations_mb: memory budget (MiB, >= 0) for the autograd graphs of network passes
+            kept from the forward pass to the backward pass; passes beyond it are recomputed.
 
     Shape:
         ``(1, C, *resize_in.in_shape)`` -> ``(1, K, *resize_in.in_shape)`` probabilities.
@@ -65,7 +75,7 @@ class NnunetHead(nn.Module):
 
     def __init__(self, networks: Sequence[nn.Module], patch_size: Sequence[int], tile_step_size: float,
                  mirror_axes: Optional[Sequence[int]], resize_in: NnunetResize, resize_out: NnunetResize,
-                 fp16_accumulation: bool = True) -> None:
+                 fp16_accumulation: bool = True, keep_activations_mb: float = 1024.0) -> None:
         super().__init__()
         from nnunetv2.inference.sliding_window_prediction import compute_gaussian
 
@@ -82,9 +92,14 @@ class NnunetHead(nn.Module):
         self.mirror_axes = tuple(int(a) for a in (mirror_axes or ()))
         self.resize_in, self.resize_out = resize_in, resize_out
         self.fp16 = bool(fp16_accumulation)
+        check_number("keep_activations_mb", keep_activations_mb, low=0)
+        self.keep_bytes = int(float(keep_activations_mb) * 2 ** 20)
         g16 = compute_gaussian(self.patch, sigma_scale=1.0 / 8, value_scaling_factor=10, device=torch.device("cpu"))
         self.register_buffer("gauss16", g16.clone(), persistent=False)
         self._layout = self._plan_windows()
+        #: network passes whose graphs the last differentiable forward kept, and the bytes one pass saves
+        self.last_kept: int = 0
+        self.last_pass_bytes: Optional[int] = None
 
     def _plan_windows(self) -> dict[str, Any]:
         """Padding (``pad_nd_image``'s split) and window corners (``compute_steps_for_sliding_window``)."""
@@ -124,15 +139,22 @@ class NnunetHead(nn.Module):
     def _round(self, t: torch.Tensor) -> torch.Tensor:
         return t.half().float() if self.fp16 else t
 
-    def _mirrored(self, net: nn.Module, w: torch.Tensor) -> torch.Tensor:
-        """nnU-Net's ``_internal_maybe_mirror_and_predict`` (fp32 sum in its order, then the mean)."""
-        pred = net(w)
-        for dims in self.flips[1:]:
-            pred = pred + torch.flip(net(torch.flip(w, dims)), dims)
+    def _mirrored(self, net: nn.Module, w: torch.Tensor, keep: Optional["_PassCache"] = None,
+                  key: tuple[int, int] = (0, 0)) -> torch.Tensor:
+        """nnU-Net's ``_internal_maybe_mirror_and_predict`` (fp32 sum in its order, then the mean).
+        With ``keep``, each flip's pass is offered to the cache (its graph kept if it fits)."""
+        pred = None
+        for f, dims in enumerate(self.flips):
+            wi = torch.flip(w, dims) if dims else w
+            out = keep.run(net, wi, key + (f,)) if keep is not None else net(wi)
+            out = torch.flip(out, dims) if dims else out
+            pred = out if pred is None else pred + out
         return pred / len(self.flips) if len(self.flips) > 1 else pred
 
-    def fold_logits(self, xpad: torch.Tensor) -> torch.Tensor:
+    def fold_logits(self, xpad: torch.Tensor, keep: Optional["_PassCache"] = None) -> torch.Tensor:
         """The mean over folds of the gaussian-weighted window logits on the padded grid (no grad).
+
+        ``keep``: a :class:`_PassCache` that keeps the graphs of the passes that fit its budget.
 
         Shape:
             ``(1, C, *padded)`` -> ``(1, K, *padded)`` float32 (float16 values when emulating).
@@ -141,11 +163,11 @@ class NnunetHead(nn.Module):
         acc_dtype = torch.float16 if self.fp16 else torch.float32
         total = None
         count = self._count_map(acc_dtype, xpad.device)
-        for net in self.networks:
+        for i, net in enumerate(self.networks):
             acc = None
-            for sl in self._layout["slicers"]:
+            for j, sl in enumerate(self._layout["slicers"]):
                 idx = (slice(None), slice(None)) + sl
-                pred = self._mirrored(net, xpad[idx].contiguous())[0] * g32
+                pred = self._mirrored(net, xpad[idx].contiguous(), keep, (i, j))[0] * g32
                 if acc is None:
                     acc = torch.zeros((pred.shape[0],) + tuple(xpad.shape[2:]), dtype=acc_dtype, device=xpad.device)
                 acc[(slice(None),) + sl] += pred
@@ -162,12 +184,13 @@ class NnunetHead(nn.Module):
             count[sl] += g
         return count
 
-    def probabilities(self, x: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, x: torch.Tensor, keep: Optional["_PassCache"] = None) -> torch.Tensor:
         """The forward computation without autograd (see the module docstring). The logits are
-        resampled back one class at a time (float64 as nnU-Net, without K float64 volumes alive)."""
+        resampled back one class at a time (float64 as nnU-Net, without K float64 volumes alive).
+        ``keep`` collects the graphs of the network passes that fit its budget."""
         with torch.no_grad():
             xpad = self._pad(self.resize_in(x).float())
-            logits = self._unpad(self.fold_logits(xpad))
+            logits = self._unpad(self.fold_logits(xpad, keep))
             out = logits.new_empty(logits.shape[:2] + tuple(self.resize_in.in_shape))
             for k in range(logits.shape[1]):
                 out[:, k:k + 1] = self._round(self.resize_out(logits[:, k:k + 1]).float())
@@ -181,8 +204,10 @@ class NnunetHead(nn.Module):
             return self.probabilities(x)
         return _HeadVJP.apply(x, self)
 
-    def input_grad(self, x: torch.Tensor, grad_p: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """The vector-Jacobian product of :meth:`probabilities` at ``x`` for the cotangent ``grad_p``.
+    def input_grad(self, x: torch.Tensor, grad_p: torch.Tensor, p: torch.Tensor,
+                   keep: Optional["_PassCache"] = None) -> torch.Tensor:
+        """The vector-Jacobian product of :meth:`probabilities` at ``x`` for the cotangent ``grad_p``
+        (``keep``: the passes whose graphs the forward kept; the others are recomputed).
 
         Shape:
             x ``(1, C, *cropped)``, grad_p and p ``(1, K, *cropped)`` -> ``(1, C, *cropped)``.
@@ -202,7 +227,7 @@ class NnunetHead(nn.Module):
         with torch.enable_grad():
             xi = x.detach().requires_grad_(True)
             r = self.resize_in(xi).float()
-        grad_xpad = self._window_vjp(self._pad(r.detach()), gl)
+        grad_xpad = self._window_vjp(self._pad(r.detach()), gl, keep)
         del gl
         (gx,) = torch.autograd.grad(r, [xi], self._unpad(grad_xpad))
         return gx
@@ -211,20 +236,25 @@ class NnunetHead(nn.Module):
         """A zero float32 ``(*lead, *padded)`` gradient buffer."""
         return torch.zeros(tuple(lead) + tuple(self._layout["padded"]), dtype=torch.float32, device=device)
 
-    def _window_vjp(self, xpad: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-        """Sum over folds, windows and flips of each network pass's input VJP (one pass alive)."""
+    def _window_vjp(self, xpad: torch.Tensor, g: torch.Tensor, keep: Optional["_PassCache"] = None) -> torch.Tensor:
+        """Sum over folds, windows and flips of each network pass's input VJP: a kept pass's graph
+        is used (and released), any other pass is recomputed (one recomputed pass alive)."""
         gauss = self.gauss16.float()
         grad = torch.zeros_like(xpad)
         scale = 1.0 / len(self.flips)
-        for net in self.networks:
-            for sl in self._layout["slicers"]:
+        for i, net in enumerate(self.networks):
+            for j, sl in enumerate(self._layout["slicers"]):
                 idx = (slice(None), slice(None)) + sl
                 gw = g[idx] * gauss * scale
                 w = xpad[idx]
-                for dims in self.flips:
-                    wi = (torch.flip(w, dims) if dims else w).contiguous().requires_grad_(True)
-                    with torch.enable_grad():
-                        out = net(wi)
+                for f, dims in enumerate(self.flips):
+                    kept = keep.pop((i, j, f)) if keep is not None else None
+                    if kept is not None:
+                        wi, out = kept
+                    else:
+                        wi = (torch.flip(w, dims) if dims else w).contiguous().requires_grad_(True)
+                        with torch.enable_grad():
+                            out = net(wi)
                     (gi,) = torch.autograd.grad(out, [wi], torch.flip(gw, dims) if dims else gw)
                     grad[idx] += torch.flip(gi, dims) if dims else gi
                     del out, gi, wi
@@ -238,21 +268,68 @@ class NnunetHead(nn.Module):
                 "resample_in": self.resize_in.describe(), "resample_out": self.resize_out.describe()}
 
 
+class _PassCache:
+    """The autograd graphs of network passes kept from the forward to the backward pass.
+
+    :meth:`run` evaluates one pass; it keeps ``(input leaf, output)`` under ``key`` while the
+    bytes autograd saves for the kept passes (counted by ``saved_tensors_hooks``, each storage
+    once, parameters excluded) stay within ``budget``; beyond it the pass runs without autograd
+    and the backward recomputes it. :meth:`pop` hands a kept pass to the backward and forgets it.
+    """
+
+    def __init__(self, budget: int) -> None:
+        self.budget = int(budget)
+        self.used = 0
+        self.per_pass: Optional[int] = None
+        self.kept: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def run(self, net: nn.Module, w: torch.Tensor, key: tuple[int, ...]) -> torch.Tensor:
+        if self.per_pass is not None and self.used + self.per_pass > self.budget:
+            with torch.no_grad():
+                return net(w.contiguous())
+        seen: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if not isinstance(t, nn.Parameter):
+                st = t.untyped_storage()
+                seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        wi = w.detach().contiguous().requires_grad_(True)
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = net(wi)
+        size = sum(seen.values()) + out.untyped_storage().nbytes()
+        self.per_pass = size if self.per_pass is None else max(self.per_pass, size)
+        if self.used + size > self.budget:
+            return out.detach()
+        self.used += size
+        self.kept[key] = (wi, out)
+        return out.detach()
+
+    def pop(self, key: tuple[int, ...]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        return self.kept.pop(key, None)
+
+
 class _HeadVJP(torch.autograd.Function):
-    """Probabilities of :class:`NnunetHead`; backward = window-, fold- and flip-wise VJPs."""
+    """Probabilities of :class:`NnunetHead`; backward = window-, fold- and flip-wise VJPs, using
+    the passes the forward kept (:class:`_PassCache`) and recomputing the others."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, head: NnunetHead) -> torch.Tensor:
-        p = head.probabilities(x)
+        keep = _PassCache(head.keep_bytes) if head.keep_bytes > 0 else None
+        p = head.probabilities(x, keep)
+        head.last_kept = len(keep.kept) if keep is not None else 0
+        head.last_pass_bytes = keep.per_pass if keep is not None else None
         ctx.save_for_backward(x, p)
-        ctx.head = head
+        ctx.head, ctx.keep = head, keep
         return p
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_p: torch.Tensor) -> tuple[Optional[torch.Tensor], None]:
         x, p = ctx.saved_tensors
-        return ctx.head.input_grad(x, grad_p, p).to(x.dtype), None
+        keep, ctx.keep = ctx.keep, None
+        return ctx.head.input_grad(x, grad_p, p, keep).to(x.dtype), None
 
 
 __all__ = ["NnunetHead", "mirror_combinations"]

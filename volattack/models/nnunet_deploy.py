@@ -109,7 +109,7 @@ def build_nnunet_pipeline(model: Any, opts: Any, scan: Any) -> DeployedPipeline:
     resize_out = NnunetResize.plan(new_shape, crop_shape, target, spacing, **_kwargs(kp))
     head = NnunetHead(model.networks, cm.patch_size, opts.tile_step_size,
                       model.mirror_axes if opts.use_mirroring else None, resize_in, resize_out,
-                      fp16_accumulation=opts.fp16_accumulation)
+                      fp16_accumulation=opts.fp16_accumulation, keep_activations_mb=opts.keep_activations_mb)
     ct = all(s == "CTNormalization" for s in cm.normalization_schemes)
     describe = {"model": "nnunet", "folder": str(model.folder), "configuration": model.configuration,
                 "folds": list(model.folds), "spacing": spacing, "target_spacing": target,

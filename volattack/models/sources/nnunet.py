@@ -18,7 +18,10 @@ Options (defaults are ``nnUNetPredictor``'s): ``folds`` (default: every ``fold_<
 holding the checkpoint, like the predictor's auto-detection; ``"all"`` for ``fold_all``),
 ``checkpoint`` (``checkpoint_final.pth``), ``configuration`` (the checkpoint's), ``use_mirroring``
 (``True``: the checkpoint's ``inference_allowed_mirroring_axes``), ``tile_step_size`` (0.5),
-``fp16_accumulation`` (``True``: nnU-Net's float16 buffers, exact agreement). ``LoadedModel.deploy``
+``fp16_accumulation`` (``True``: nnU-Net's float16 buffers, exact agreement), and volattack's own
+``keep_activations_mb`` (1024: MiB of network-pass graphs kept from the forward to the backward
+pass, so that those passes are not recomputed; 0: every pass recomputed, one window's activations
+alive; the gradient is the same). ``LoadedModel.deploy``
 builds the deployed pipeline on a scan (:mod:`volattack.models.nnunet_deploy`).
 
 Needs ``pip install 'volattack[nnunet]'`` (nnunetv2).
@@ -49,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 #: options of the ``nnunet`` source
 OPTIONS: tuple[str, ...] = ("folds", "checkpoint", "configuration", "use_mirroring", "tile_step_size",
-                            "fp16_accumulation")
+                            "fp16_accumulation", "keep_activations_mb")
 
 #: globals an nnU-Net checkpoint needs besides tensors (its logging and init args hold numpy
 #: scalars); the numpy-1 spelling of the scalar reconstructor is accepted too.
@@ -103,6 +106,7 @@ class NnunetOptions:
     use_mirroring: bool = True
     tile_step_size: float = 0.5
     fp16_accumulation: bool = True
+    keep_activations_mb: float = 1024.0
 
     def __post_init__(self) -> None:
         self.folds = _parse_folds(self.folds)
@@ -114,6 +118,8 @@ class NnunetOptions:
         self.fp16_accumulation = check_bool("fp16_accumulation", _bool(self.fp16_accumulation))
         check_number("tile_step_size", _num(self.tile_step_size), low=0, high=1, low_open=True)
         self.tile_step_size = float(_num(self.tile_step_size))
+        check_number("keep_activations_mb", _num(self.keep_activations_mb), low=0)
+        self.keep_activations_mb = float(_num(self.keep_activations_mb))
 
 
 def _bool(v: Any) -> Any:
@@ -360,7 +366,8 @@ class NnunetSource(ModelSource):
             configuration=model.configuration, folds=list(model.folds), trainer=model.trainer_name,
             checkpoint=opts.checkpoint, mirror_axes=None if model.mirror_axes is None else list(model.mirror_axes),
             use_mirroring=opts.use_mirroring, tile_step_size=opts.tile_step_size,
-            fp16_accumulation=opts.fp16_accumulation, plans_name=model.plans.get("plans_name"),
+            fp16_accumulation=opts.fp16_accumulation, keep_activations_mb=opts.keep_activations_mb,
+            plans_name=model.plans.get("plans_name"),
             normalization=list(cm.normalization_schemes),
         )
         loaded.digest = _digest(model, opts)
