@@ -135,7 +135,7 @@ def setup(args, size, keep_mb=None):
     pipe = loaded.deploy(scan)
     x = torch.from_numpy(scan.array)[None]
     y = pipe.predict(x)
-    return pipe, x, y, tmp, (loaded, scan)
+    return pipe, x, y, tmp, (folder, scan)
 
 
 def child_memory(args) -> None:
@@ -153,8 +153,8 @@ def child_time(args) -> None:
 
     from volattack.models.sources import load_model
 
-    pipe, x, y, tmp, (loaded, scan) = setup(args, args.size)
-    recompute = load_model(loaded.path, folds=list(range(args.folds)), keep_activations_mb=0).deploy(scan)
+    pipe, x, y, tmp, (folder, scan) = setup(args, args.size)
+    recompute = load_model(folder, folds=list(range(args.folds)), keep_activations_mb=0).deploy(scan)
     head = pipe.head
     with torch.no_grad():
         xpad = head._pad(head.resize_in(pipe.to_model(x)).float())
