@@ -93,6 +93,27 @@ def test_dice_ce_is_dice_plus_ce_and_per_sample():
         torch.testing.assert_close(batch, single)
 
 
+@pytest.mark.parametrize("shape", [(2, 4, 5, 6, 7), (1, 3, 9, 8)])
+def test_dice_and_dice_ce_equal_monai_in_value_and_gradient(shape):
+    # volattack's Dice works on boolean class masks, not MONAI's float one-hot: MONAI is the oracle.
+    # Class 2 is absent from the labels (its ground sum is 0), as organs often are from a crop.
+    from monai.losses import DiceCELoss, DiceLoss
+
+    g = torch.Generator().manual_seed(1)
+    logits = (3 * torch.randn(*shape, generator=g)).requires_grad_(True)
+    labels = torch.randint(0, shape[1], (shape[0], 1) + shape[2:], generator=g)
+    labels[labels == 2] = 0
+    ref_d = DiceLoss(to_onehot_y=True, softmax=True, reduction="none")(logits, labels).flatten(1).mean(1)
+    ref_dce = torch.stack([DiceCELoss(to_onehot_y=True, softmax=True)(logits[i:i + 1], labels[i:i + 1])
+                           for i in range(shape[0])])
+    for kind, ref in (("dice", ref_d), ("dice_ce", ref_dce)):
+        ours = objective_per_sample(logits, labels, kind)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+        (g_ours,) = torch.autograd.grad(ours.sum(), logits)
+        (g_ref,) = torch.autograd.grad(ref.sum(), logits, retain_graph=True)
+        torch.testing.assert_close(g_ours, g_ref, rtol=1e-4, atol=1e-7)
+
+
 def test_dice_loss_by_hand():
     # perfect, confident prediction -> dice loss near 0; uniform prediction on 2 classes -> known value
     labels = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1]).reshape(1, 1, 2, 2, 2)
