@@ -124,6 +124,34 @@ def test_uncertainty_features_are_mean_and_quantiles_of_entropy_and_margin(tiny_
     torch.testing.assert_close(f[0], torch.tensor([(h0 + h1) / 2, (h0 + h1) / 2, (m0 + m1) / 2, (m0 + m1) / 2]))
 
 
+@pytest.mark.parametrize("n_true", [1, 2, 7, 40])
+def test_masked_quantile_equals_torch_quantile_of_the_selection(n_true):
+    from volattack.threats.detector_kinds import masked_quantile
+
+    g = torch.Generator().manual_seed(n_true)
+    v = torch.randn(40, generator=g, dtype=torch.float64).requires_grad_(True)
+    mask = torch.zeros(40, dtype=torch.bool)
+    mask[torch.randperm(40, generator=g)[:n_true]] = True
+    q = torch.tensor([0.0, 0.1, 0.25, 0.5, 0.9, 1.0], dtype=torch.float64)
+    ours, ref = masked_quantile(v, mask, q), torch.quantile(v[mask], q)
+    torch.testing.assert_close(ours, ref)
+    w = torch.arange(1.0, 7.0, dtype=torch.float64)
+    (g_ours,) = torch.autograd.grad((ours * w).sum(), v)
+    (g_ref,) = torch.autograd.grad((ref * w).sum(), v)
+    torch.testing.assert_close(g_ours, g_ref)
+
+
+def test_uncertainty_without_foreground_uses_every_voxel(tiny_model):
+    det = create_detector("uncertainty", quantiles=(0.0, 1.0))
+    logits = torch.zeros(1, 3, 3, 1, 1)
+    logits[0, 0] = torch.tensor([5.0, 2.0, 1.0]).view(3, 1, 1)  # background everywhere
+    f = det.features(torch.zeros(1, 1, 3, 1, 1), tiny_model, logits)[0]
+    p = torch.softmax(logits[0, :, :, 0, 0], 0)
+    h = -(p * p.log()).sum(0)
+    m = p[0] - p[1]
+    torch.testing.assert_close(f, torch.stack([h.mean(), h.min(), h.max(), m.mean(), m.min(), m.max()]))
+
+
 def test_mahalanobis_class_mode_through_a_sliding_window_keeps_gradients(data):
     _, clean, adv = data
     net = data[0].network

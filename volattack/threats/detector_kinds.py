@@ -151,15 +151,32 @@ class UncertaintyDetector(FeatureDetector):
         entropy = -(p * logp).sum(1).flatten()
         top2 = p.topk(2, dim=1).values
         margin = (top2[:, 0] - top2[:, 1]).flatten()
-        fg = (z.detach().argmax(1).flatten() != 0)
-        if not bool(fg.any()):
-            fg = torch.ones_like(fg)
+        fg = z.detach().argmax(1).flatten() != 0
+        fg = fg | ~fg.any()  # no foreground: every voxel (a tensor op, no host sync)
         q = torch.tensor(self.quantiles, dtype=entropy.dtype, device=entropy.device)
         out = []
-        for v in (entropy[fg], margin[fg]):
-            out.append(v.mean().reshape(1))
-            out.append(torch.quantile(v, q))
+        for v in (entropy, margin):
+            out.append(((v * fg).sum() / fg.sum()).reshape(1))
+            out.append(masked_quantile(v, fg, q))
         return torch.cat(out).unsqueeze(0)
+
+
+def masked_quantile(v: torch.Tensor, mask: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``torch.quantile(v[mask], q)`` (linear interpolation) without boolean indexing, whose
+    data-dependent size forces a device-to-host sync at every adaptive attack step: the masked-out
+    values sort to the end as ``+inf`` and the quantile positions ``q (n - 1)`` are tensors.
+    Differentiable in ``v`` like ``torch.quantile``.
+
+    Shape:
+        v, mask ``(N,)`` (mask bool with at least one True), q ``(Q,)`` in [0, 1] -> ``(Q,)``.
+    """
+    n = mask.sum()
+    vals = torch.where(mask, v, torch.full_like(v, float("inf"))).sort().values
+    pos = q * (n - 1).to(v.dtype)
+    lo = pos.floor().long()
+    hi = torch.minimum(lo + 1, n - 1)
+    frac = pos - lo.to(v.dtype)
+    return vals[lo] * (1 - frac) + vals[hi] * frac
 
 
 @register_detector("spectral")
