@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from volattack.data.io import read_volume
-from volattack.data.source import SourceScan, read_geometry, read_scan, write_scan
+from volattack.data.source import (SourceScan, channel_file_names, read_geometry, read_scan, write_scan,
+                                   write_scan_channels)
 
 SPACING = (1.4, 1.4, 3.2)
 
@@ -147,8 +148,43 @@ def test_channels_from_a_4d_file_and_from_a_list(tmp_path):
     listed = read_scan([tmp_path / "c0.nii.gz", tmp_path / "c1.nii.gz"])
     np.testing.assert_allclose(listed.array, scan.array)
     assert listed.path == tmp_path / "c0.nii.gz" and len(listed.paths) == 2
-    with pytest.raises(ValueError, match="write each channel"):
+    with pytest.raises(ValueError, match="use write_scan_channels"):
         write_scan(listed, listed.array, tmp_path / "z.nii.gz")
+
+
+def test_channel_files_are_written_back_one_file_each_with_their_own_type(tmp_path):
+    # an int16 CT-like channel and a float32 channel: each keeps its own stored type and header
+    g = np.random.default_rng(0)
+    ct = g.integers(-1000, 1000, (5, 4, 3)).astype(np.int16)
+    mr = g.random((5, 4, 3)).astype(np.float32) * 300
+    aff = np.diag([1.5, 1.5, 3.0, 1.0])
+    ct_img = nib.Nifti1Image(ct, aff)
+    ct_img.header.set_data_dtype(np.int16)
+    nib.save(ct_img, str(tmp_path / "case_0000.nii.gz"))
+    nib.save(nib.Nifti1Image(mr, aff), str(tmp_path / "case_0001.nii.gz"))
+    scan = read_scan([tmp_path / "case_0000.nii.gz", tmp_path / "case_0001.nii.gz"])
+    assert [p.dtype for p in scan.parts] == [np.dtype(np.int16), np.dtype(np.float32)]
+    assert channel_file_names("adv", scan) == ["adv_0000.nii.gz", "adv_0001.nii.gz"]
+    new = scan.array + np.float32(0.4)  # rounds away on the int16 channel, stays on the float one
+    q = scan.quantize(new)
+    np.testing.assert_array_equal(q[0], ct.astype(np.float32))
+    np.testing.assert_allclose(q[1], mr + np.float32(0.4), rtol=1e-6)
+    out = write_scan_channels(scan, new, [tmp_path / "a_0000.nii.gz", tmp_path / "a_0001.nii.gz"])
+    disk = [nib.load(str(p)) for p in out]
+    assert disk[0].get_data_dtype() == np.int16 and disk[1].get_data_dtype() == np.float32
+    np.testing.assert_array_equal(np.asarray(disk[0].dataobj), ct)
+    np.testing.assert_allclose(np.asarray(disk[1].dataobj), mr + np.float32(0.4), rtol=1e-6)
+    for d in disk:
+        np.testing.assert_allclose(d.affine, aff)
+    back = read_scan(out)
+    np.testing.assert_allclose(back.array, q, rtol=1e-6)
+    with pytest.raises(ValueError, match=r"paths must name one file per channel \(2\), got 1"):
+        write_scan_channels(scan, new, [tmp_path / "b.nii.gz"])
+    with pytest.raises(ValueError, match="scan was read from one file"):
+        write_scan_channels(scan.parts[0], new[:1], [tmp_path / "b.nii.gz"])
+    with pytest.raises(ValueError, match="array must have the scan's shape"):
+        write_scan_channels(scan, new[:1], [tmp_path / "b0.nii.gz", tmp_path / "b1.nii.gz"])
+    assert not (tmp_path / "b0.nii.gz").exists()
 
 
 def test_dicom_folder_needs_the_dicom_module(tmp_path, monkeypatch):

@@ -134,6 +134,12 @@ def test_path_digest_and_unreadable_case_files(tmp_path):
     (tmp_path / "dicom").mkdir()
     (tmp_path / "dicom" / "1.dcm").write_bytes(b"x")
     assert len(path_digest(tmp_path / "dicom")) == 16
+    g = tmp_path / "b.nii.gz"  # channel files: a digest of the files' digests, in channel order
+    g.write_bytes(b"xyz")
+    both = path_digest([f, g])
+    assert both != path_digest([g, f]) and len(both) == 16
+    g.write_bytes(b"xyw")
+    assert path_digest([f, g]) != both
     cache = CaseCache(tmp_path / "cases")
     key = CacheKey({"weights": "w"})
     assert cache.lookup("0000_a", key) == (None, "not computed yet")

@@ -172,6 +172,10 @@ def test_quantize_keeps_the_linf_budget_after_rounding():
         def quantize(a):
             return np.clip(np.rint(a), -32768, 32767).astype(np.float32)
 
+        @classmethod
+        def channel_scans(cls):
+            return [cls]
+
     clean = torch.tensor([0.0, 10.0, -1024.0, 100.0]).reshape(1, 1, 4, 1, 1)
     adv = clean + torch.tensor([8.6, -8.5, -3.0, 2.4]).reshape(1, 1, 4, 1, 1)
     q = quantize_adv(Scan, adv, clean, bounds=(-1024.0, 3071.0), eps=8.6)
@@ -180,7 +184,7 @@ def test_quantize_keeps_the_linf_budget_after_rounding():
     np.testing.assert_array_equal(q2.reshape(-1), [9.0, 2.0, -1023.0, 101.0])  # grid points inside the bounds
 
 
-@pytest.mark.parametrize("case", ["fraction", "mri", "label_grid", "channel_files", "no_model"])
+@pytest.mark.parametrize("case", ["fraction", "mri", "label_grid", "no_model"])
 def test_bad_inputs_fail_before_any_attack_and_leave_no_file(setup, tmp_path, case):
     root, cases, ckpt = setup
     loaded = load_model(ckpt)
@@ -198,9 +202,6 @@ def test_bad_inputs_fail_before_any_attack_and_leave_no_file(setup, tmp_path, ca
         img = nib.load(other["label"])
         nib.save(nib.Nifti1Image(np.asarray(img.dataobj)[:, :, :-1], img.affine), str(tmp_path / "short.nii.gz"))
         run_cases, match = [{"image": other["image"], "label": str(tmp_path / "short.nii.gz")}], "is not on the grid"
-    elif case == "channel_files":
-        run_cases = [{"image": [cases[0]["image"], cases[0]["image"]], "label": cases[0]["label"]}]
-        match = "is 2 channel files .* store the channels as one 4-D NIfTI"
     else:
         loaded, match = None, "needs the LoadedModel"
     ev = EvalConfig(space="source", attacks=[AttackSpec("pgd", params=params)], figures=False)
@@ -209,6 +210,55 @@ def test_bad_inputs_fail_before_any_attack_and_leave_no_file(setup, tmp_path, ca
         evaluate(load_model(ckpt).module, run_cases, out, eval_cfg=ev, preprocess=pre, num_classes=5, loaded=loaded,
                  progress=False)
     assert not out.exists()
+
+
+def test_channel_files_in_channel_files_out_each_with_its_own_type(setup, tmp_path, caplog):
+    # nnU-Net's raw data stores a multi-modal scan as one file per channel (case_0000, case_0001):
+    # the adversarial scan comes back the same way, each file with its own type, and the Dice
+    # reported is that of the files read back
+    from volattack.models.config import ModelConfig
+    from volattack.models.deploy import pipeline_for
+
+    root, cases, _ = setup
+    src0 = nib.load(cases[0]["image"])
+    second = np.asarray(src0.dataobj, dtype=np.float32) * 0.5 + 20.25  # a float32 second channel
+    img1 = nib.Nifti1Image(second, src0.affine)
+    img1.header.set_data_dtype(np.float32)
+    nib.save(img1, str(tmp_path / "case_0001.nii.gz"))
+    entry = {"image": [cases[0]["image"], str(tmp_path / "case_0001.nii.gz")], "label": cases[0]["label"]}
+    torch.manual_seed(1)
+    cfg = ModelConfig(name="unet", in_channels=2, out_channels=5,
+                      kwargs={"channels": [4, 8], "strides": [2], "num_res_units": 0})
+    ckpt = volattack.save_checkpoint(tmp_path / "m2.pt", volattack.create_model(cfg.name, 2, 5, **cfg.kwargs), cfg,
+                                     preprocess=PRE)
+    res = _eval(tmp_path, [entry], ckpt, "run2", save_adv=True)
+    assert not res["failed"], res["failed"]
+    case, lbl = res["cases"][0], res["attacks"][0]["label"]
+    adv_rel = [o for o in case["outputs"] if o.startswith("adversarial/")]
+    stem = f"adversarial/{case['case']}_pgd_eps_8__alpha_2__steps_2"
+    assert adv_rel == [f"{stem}_0000.nii.gz", f"{stem}_0001.nii.gz"]
+    adv = [nib.load(str(tmp_path / "run2" / r)) for r in adv_rel]
+    assert [a.get_data_dtype() for a in adv] == [np.dtype(np.int16), np.dtype(np.float32)]
+    for a, src in zip(adv, (src0, img1)):
+        assert a.shape == SHAPE
+        np.testing.assert_allclose(a.affine, src.affine, atol=1e-6)
+    d0 = np.asarray(adv[0].dataobj, dtype=np.float64) - np.asarray(src0.dataobj, dtype=np.float64)
+    d1 = np.asarray(adv[1].dataobj, dtype=np.float64) - second
+    assert np.abs(d0).max() <= 8 and np.all(d0 == np.rint(d0)) and np.abs(d0).max() > 0
+    assert np.abs(d1).max() <= 8 + 1e-4 and np.abs(d1).max() > 0
+    back = read_scan([str(tmp_path / "run2" / r) for r in adv_rel])
+    pred = pipeline_for(load_model(ckpt), back).predict(torch.as_tensor(back.array)[None])
+    label = torch.as_tensor(np.rint(read_scan(entry["label"]).array)).long()[None]
+    assert abs(float(mean_foreground_dice(pred, label, 5)[0]) - case["attacks"][lbl]["dice"]) <= 0.005
+    with caplog.at_level(logging.INFO, logger="volattack.evaluation.runner"):
+        again = _eval(tmp_path, [entry], ckpt, "run2", save_adv=True)
+    assert "already done, reused" in caplog.text  # both channel files found
+    assert again["cases"][0]["attacks"] == res["cases"][0]["attacks"]
+    (tmp_path / "run2" / adv_rel[1]).unlink()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="volattack.evaluation.runner"):
+        _eval(tmp_path, [entry], ckpt, "run2", save_adv=True)
+    assert "already done, reused" not in caplog.text and (tmp_path / "run2" / adv_rel[1]).is_file()
 
 
 def test_config_bad_values():

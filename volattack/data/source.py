@@ -66,6 +66,10 @@ class SourceScan:
         header: what :func:`write_scan` needs to write the same geometry, header and tags back
             (format-specific; a dict with ``"slope"``/``"inter"``/``"disk_dtype"`` for the
             representable values).
+        paths: the files the channels were read from (one entry for a single file or series).
+        parts: for a scan read from several channel files, one single-channel scan per file, in
+            channel order, each with its own type and header (what quantising and writing each
+            channel back uses); empty otherwise.
     """
 
     array: np.ndarray
@@ -76,6 +80,7 @@ class SourceScan:
     format: str
     header: Any = None
     paths: list[Path] = field(default_factory=list)
+    parts: list["SourceScan"] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         a = np.asarray(self.array)
@@ -93,6 +98,14 @@ class SourceScan:
             raise ValueError(f"format must be one of {list(FORMATS)}, got {self.format!r}.")
         if not self.paths:
             self.paths = [self.path]
+        if self.parts and (len(self.parts) != self.channels or any(p.channels != 1 for p in self.parts)):
+            raise ValueError(f"parts must be one single-channel scan per channel ({self.channels}), got "
+                             f"{[p.channels for p in self.parts]} channels.")
+
+    def channel_scans(self) -> list["SourceScan"]:
+        """The scan whose storage governs each channel: the channel file's own scan for a scan
+        read from several files, this scan for every channel otherwise."""
+        return list(self.parts) if self.parts else [self] * self.channels
 
     @property
     def shape(self) -> tuple[int, int, int]:
@@ -148,6 +161,11 @@ class SourceScan:
         a = np.asarray(array, dtype=np.float64)
         if not np.all(np.isfinite(a)):
             raise ValueError("array must be finite to be written, got NaN or infinite values.")
+        if self.parts:
+            if a.ndim != 4 or a.shape[0] != len(self.parts):
+                raise ValueError(f"array must be (C, I, J, K) with C = {len(self.parts)} (one channel per file), "
+                                 f"got shape {a.shape}.")
+            return np.concatenate([p.quantize(a[c:c + 1]) for c, p in enumerate(self.parts)], axis=0)
         raw, slope, inter = self.storage()
         if raw is None:
             return a.astype(self.dtype if np.issubdtype(self.dtype, np.floating) else np.float32).astype(np.float32)
@@ -270,7 +288,7 @@ def read_scan(path_or_paths: Union[PathLike, Sequence[PathLike]]) -> SourceScan:
         return first
     arr = np.concatenate([s.array for s in scans], axis=0)
     return SourceScan(arr, first.affine, first.spacing, first.dtype, first.path, first.format,
-                      first.header, paths=paths)
+                      first.header, paths=paths, parts=scans)
 
 
 def read_geometry(path: PathLike) -> Optional[tuple[tuple[int, ...], np.ndarray]]:
@@ -421,8 +439,8 @@ def write_scan(scan: SourceScan, array: Any, path: PathLike, *, description: str
     if not isinstance(description, str):
         raise ValueError(f"description must be a string, got {type(description).__name__}.")
     if len(scan.paths) > 1:
-        raise ValueError(f"scan was read from {len(scan.paths)} channel files; write_scan writes one file, "
-                         "so read and write each channel as its own scan.")
+        raise ValueError(f"scan was read from {len(scan.paths)} channel files; write_scan writes one file: "
+                         "use write_scan_channels(scan, array, paths) to write one file per channel.")
     if scan.format == "dicom" or p.suffix == "":
         if scan.format != "dicom":
             raise ValueError(f"path must end with one of {list(NIFTI_SUFFIXES + SITK_WRITE_SUFFIXES)} for a "
@@ -441,4 +459,55 @@ def write_scan(scan: SourceScan, array: Any, path: PathLike, *, description: str
     return out
 
 
-__all__ = ["FORMATS", "SourceScan", "read_geometry", "read_scan", "write_scan"]
+def scan_suffix(image: Any) -> str:
+    """The suffix an adversarial scan of the source ``image`` is written with (its own format;
+    ``""`` for a DICOM series folder, ``.mha`` for a two-file ``.mhd``, ``.nrrd`` for ``.nhdr``)."""
+    name = str(image).lower()
+    if name.endswith(".nii.gz"):
+        return ".nii.gz"
+    if name.endswith(".nii"):
+        return ".nii"
+    if name.endswith((".nrrd", ".nhdr")):
+        return ".nrrd"
+    if name.endswith((".mha", ".mhd")):
+        return ".mha"
+    return ""
+
+
+def channel_file_names(stem: str, scan: SourceScan) -> list[str]:
+    """File names for writing ``scan``'s channels one file each, nnU-Net's raw-data naming:
+    ``{stem}_0000{suffix}``, ``{stem}_0001{suffix}``, ... with each channel file's own suffix."""
+    return [f"{stem}_{c:04d}{scan_suffix(p)}" for c, p in enumerate(scan.paths)]
+
+
+def write_scan_channels(scan: SourceScan, array: Any, paths: Sequence[PathLike], *,
+                        description: str = "volattack adversarial") -> list[Path]:
+    """Write a scan read from several channel files back as one file per channel, each with its
+    own file's shape, affine, header and data type (:func:`write_scan` per channel), atomically
+    per file.
+
+    Args:
+        scan: a scan read by :func:`read_scan` from a list of files (``scan.parts`` set).
+        array: ``(C, I, J, K)`` or ``(1, C, I, J, K)`` source units, finite.
+        paths: one destination per channel, in channel order.
+        description: as in :func:`write_scan`.
+
+    Returns:
+        The written paths.
+
+    Raises:
+        ValueError: a scan not read from channel files, a number of paths other than C, a shape
+            other than the scan's, non-finite values, or what :func:`write_scan` refuses.
+    """
+    if not scan.parts:
+        raise ValueError(f"scan was read from one file ({str(scan.path)!r}); use write_scan.")
+    paths = list(paths)
+    if len(paths) != len(scan.parts):
+        raise ValueError(f"paths must name one file per channel ({len(scan.parts)}), got {len(paths)}.")
+    a = _check_array(scan, array)
+    return [write_scan(part, a[c:c + 1], p, description=description) for c, (part, p) in
+            enumerate(zip(scan.parts, paths))]
+
+
+__all__ = ["FORMATS", "SourceScan", "channel_file_names", "read_geometry", "read_scan", "scan_suffix", "write_scan",
+           "write_scan_channels"]

@@ -67,9 +67,12 @@ def digest(obj: Any) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def path_digest(path: str | os.PathLike) -> str:
+def path_digest(path: str | os.PathLike | Sequence[str | os.PathLike]) -> str:
     """Digest of a data file's bytes (SHA-256), or of a folder's file names, sizes and modification
-    times (DICOM series); ``"missing"`` when the path does not exist."""
+    times (DICOM series), or of the digests of a list of channel files in order; ``"missing"``
+    when the path does not exist."""
+    if isinstance(path, (list, tuple)):
+        return digest([path_digest(q) for q in path])
     p = Path(path)
     h = hashlib.sha256()
     if p.is_file():

@@ -20,7 +20,9 @@ Per case:
 5. the adversarial array is quantised to the scan's stored type (rounded; an L-inf attack's
    rounded perturbation is kept within ``eps``, so the budget holds in the file), written with
    :func:`~volattack.data.source.write_scan` (``adversarial/`` with ``save_adv``, else a temporary
-   folder that is removed), **read back from disk**, and predicted by the deployed pipeline of
+   folder that is removed; an image given as channel files, as nnU-Net's raw data stores
+   multi-modal scans, is written back as one file per channel, ``<case>_<attack>_0000.nii.gz``,
+   ``..._0001.nii.gz``, each with its own file's type and header), **read back from disk**, and predicted by the deployed pipeline of
    the read-back scan (its crop box recomputed, as the deployed segmenter would): the Dice, HD95
    (mm, source spacing) and perturbation sizes (source units, of the rounded file) in the record
    are those of the file.
@@ -43,6 +45,7 @@ from typing import Any, Mapping, Optional, Sequence
 import numpy as np
 import torch
 
+from volattack.data.source import scan_suffix
 from volattack.evaluation.cases import CaseData, attack_outcome, clean_outcome, score
 from volattack.evaluation.passes import CasePasses, slug
 from volattack.evaluation.records import CaseRecord, SanityRecord
@@ -53,19 +56,24 @@ logger = logging.getLogger(__name__)
 _SIZE_KEYS = ("linf", "rms", "psnr", "ssim", "linf_units", "rms_units", "l2")
 
 
-def scan_suffix(image: Any) -> str:
-    """The suffix an adversarial scan of the source ``image`` is written with (its own format;
-    ``""`` for a DICOM series folder, ``.mha`` for a two-file ``.mhd``, ``.nrrd`` for ``.nhdr``)."""
-    name = str(image).lower()
-    if name.endswith(".nii.gz"):
-        return ".nii.gz"
-    if name.endswith(".nii"):
-        return ".nii"
-    if name.endswith((".nrrd", ".nhdr")):
-        return ".nrrd"
-    if name.endswith((".mha", ".mhd")):
-        return ".mha"
-    return ""
+def _image_files(image: Any) -> list[str]:
+    """The files of a case's ``image``: a path, a list of channel files, or a record's string of
+    either (``CaseRecord.image`` is ``str(entry["image"])``)."""
+    if image is None:
+        return []
+    if isinstance(image, (list, tuple)):
+        return [str(p) for p in image]
+    text = str(image)
+    if text.startswith("[") and text.endswith("]"):
+        import ast
+
+        try:
+            parsed = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return [text]
+        if isinstance(parsed, (list, tuple)):
+            return [str(p) for p in parsed]
+    return [text]
 
 
 def _first_image(entry: Mapping[str, Any]) -> Any:
@@ -127,11 +135,6 @@ def _check_label_grid(entry: Mapping[str, Any]) -> None:
     img, lab = _first_image(entry), entry.get("label")
     if not img or not lab:
         raise ValueError(f"space: source needs an image and a label per case, got {dict(entry)!r}.")
-    files = entry.get("image")
-    if isinstance(files, (list, tuple)) and len(files) > 1:
-        raise ValueError(f"space: source writes the adversarial scan back like its source, and the image of this case "
-                         f"is {len(files)} channel files ({', '.join(map(str, files))}): writing one file per channel "
-                         "is not supported yet; store the channels as one 4-D NIfTI (I, J, K, C).")
     gi, gl = read_geometry(img), read_geometry(lab)
     if gi is None or gl is None:
         return
@@ -143,8 +146,7 @@ def _check_label_grid(entry: Mapping[str, Any]) -> None:
 def check_source_run(cfg: Any, cases: Sequence[Mapping[str, Any]], loaded: Any, intensity: Any) -> list[Any]:
     """Every bad input of a ``space: source`` run that can be seen before anything is written: a
     missing model (``loaded``), budgets that do not fit the source units (:func:`check_units`),
-    labels on another grid than their images (headers only), images given as several channel
-    files (which cannot be written back as one scan).
+    labels on another grid than their images (headers only).
 
     Returns:
         ``cases`` as a list.
@@ -181,17 +183,20 @@ def quantize_adv(scan: Any, adv: torch.Tensor, clean: torch.Tensor, bounds: tupl
     """
     a = adv.detach().cpu().double().numpy()[0]
     c = clean.detach().cpu().double().numpy()[0]
-    lo, hi = bounds
-    step = scan.grid_step
-    if step > 0:  # the grid points inside the bounds
-        inter = scan.storage()[2]
-        lo = np.ceil((lo - inter) / step - 1e-9) * step + inter
-        hi = np.floor((hi - inter) / step + 1e-9) * step + inter
-    q = scan.quantize(np.clip(a, lo, hi)).astype(np.float64)
-    if eps is not None:
-        k = np.floor(eps / step + 1e-9) * step if step > 0 else eps
-        q = np.clip(q, c - k, c + k)
-    return np.clip(q, lo, hi).astype(np.float32)
+    out = np.empty(a.shape, dtype=np.float32)
+    for ch, part in enumerate(scan.channel_scans()):  # channel files may differ in stored type
+        lo, hi = bounds
+        step = part.grid_step
+        if step > 0:  # the grid points inside the bounds
+            inter = part.storage()[2]
+            lo = np.ceil((lo - inter) / step - 1e-9) * step + inter
+            hi = np.floor((hi - inter) / step + 1e-9) * step + inter
+        q = part.quantize(np.clip(a[ch:ch + 1], lo, hi)).astype(np.float64)
+        if eps is not None:
+            k = np.floor(eps / step + 1e-9) * step if step > 0 else eps
+            q = np.clip(q, c[ch:ch + 1] - k, c[ch:ch + 1] + k)
+        out[ch:ch + 1] = np.clip(q, lo, hi)
+    return out
 
 
 class SourcePasses(CasePasses):
@@ -266,8 +271,16 @@ class SourcePasses(CasePasses):
 
     # ------------------------------------------------------------------ outputs
     def expected_outputs(self, cid: str, image: Any = None) -> list[str]:
-        """Files the configuration asks for case ``cid`` (adversarial scans in the source's format)."""
-        return super().expected_outputs(cid, scan_suffix(image) if image is not None else ".nii.gz")
+        """Files the configuration asks for case ``cid`` (adversarial scans in the source's format;
+        one file per channel, ``_0000``, ``_0001``, ..., for an image given as channel files)."""
+        files = _image_files(image)
+        if len(files) <= 1:
+            return super().expected_outputs(cid, scan_suffix(files[0]) if files else ".nii.gz")
+        out = [f for f in super().expected_outputs(cid) if not f.startswith("adversarial/")]
+        if self.cfg.save_adv:
+            out += [f"adversarial/{cid}_{slug(lbl)}_{c:04d}{scan_suffix(p)}" for lbl, _, _ in self.runs
+                    for c, p in enumerate(files)]
+        return out
 
     def missing_outputs(self, record: CaseRecord) -> list[str]:
         b = record.clean.info.get("source_bounds")
@@ -287,22 +300,28 @@ class SourcePasses(CasePasses):
 
     # ------------------------------------------------------------------ the passes
     def attack_scan(self, lbl: str, name: str, kw: dict[str, Any], scan: Any, pipe: Any, data: CaseData,
-                    index: int, folder: Path, cid: str) -> tuple[Any, torch.Tensor, torch.Tensor, dict[str, Any], Path]:
+                    index: int, folder: Path, cid: str) -> tuple[Any, torch.Tensor, torch.Tensor, dict[str, Any], list[Path]]:
         """One attack: craft on the pipeline, quantise, write, read back, predict the read-back file.
 
         Returns:
-            ``(read-back scan, its tensor (1, C, I, J, K), its prediction, info, written path)``.
+            ``(read-back scan, its tensor (1, C, I, J, K), its prediction, info, written paths)``
+            (one path, or one per channel file).
         """
-        from volattack.data.source import read_scan, write_scan
+        from volattack.data.source import channel_file_names, read_scan, write_scan, write_scan_channels
 
         atk = self._create(name, pipe, **kw)
         goal = self.case_goal.run_kwargs(atk) if self.case_goal is not None else {}
         res = atk.run(data.image, data.label, seed=self.seed, sample_ids=[index], **goal)
         eps = getattr(atk, "eps", None) if getattr(atk, "linf_budget", False) else None
         q = quantize_adv(scan, res.adv, data.image, pipe.bounds, eps)
-        path = folder / f"{cid}_{slug(lbl)}{scan_suffix(scan.path) if scan.format != 'dicom' else ''}"
-        written = write_scan(scan, q, path, description=f"volattack adversarial: {lbl}")
-        back = read_scan(written)
+        desc = f"volattack adversarial: {lbl}"
+        if scan.parts:  # channel files in, channel files out (nnU-Net's raw naming)
+            written = write_scan_channels(scan, q, [folder / n for n in channel_file_names(f"{cid}_{slug(lbl)}", scan)],
+                                          description=desc)
+        else:
+            path = folder / f"{cid}_{slug(lbl)}{scan_suffix(scan.path) if scan.format != 'dicom' else ''}"
+            written = [write_scan(scan, q, path, description=desc)]
+        back = read_scan(written if scan.parts else written[0])
         xb = torch.as_tensor(back.array)[None].to(self.device)
         adv_pipe = self.pipeline(back)
         pred = adv_pipe.predict(xb)
@@ -351,7 +370,7 @@ class SourcePasses(CasePasses):
                 record.attacks[lbl] = score(attack_outcome(adv_pred, xb, info, data, clean, bounds=pipe.bounds,
                                                            unit_scale=1.0))
                 if self.cfg.save_adv:
-                    record.outputs.append(str(written.relative_to(self.out)))
+                    record.outputs.extend(str(w.relative_to(self.out)) for w in written)
                 if self.cfg.save_pred:
                     record.outputs.append(self._write_pred(cid, lbl, adv_pred, scan))
         record.sanity = self.source_sanity(pipe, data, index, self.seed + index)
