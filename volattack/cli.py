@@ -89,6 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-pred", action="store_true", help="write clean/adversarial predictions (NIfTI labels)")
     p.add_argument("--space", choices=["model", "source"], default=None, help="perturb the preprocessed tensor "
                    "(model, default) or the scan on its own grid in its units (source: -p eps=8 is 8 HU; evaluate.space)")
+    p.add_argument("-m", "--model-option", dest="model_options", action="append", default=[], metavar="KEY=VALUE",
+                   help="option of the model's source (evaluate.model_options), e.g. for an nnU-Net folder "
+                        "-m folds=[0] -m use_mirroring=false -m tile_step_size=0.5 (repeatable)")
     _add_goal(p)
     _add_common(p, config=False)
 
@@ -223,6 +226,12 @@ def cmd_attack(args: argparse.Namespace) -> int:
     }
     if args.space is not None:
         raw["evaluate"]["space"] = args.space
+    options = {}
+    for item in args.model_options:
+        keys, value = parse_override(item)
+        options[".".join(keys)] = value
+    if options:
+        raw["evaluate"]["model_options"] = options
     goal = _goal_args(args)
     if goal:
         raw["evaluate"]["goal"] = goal

@@ -111,7 +111,7 @@ def run_evaluate(cfg: RunConfig, out_dir: Path, *, checkpoint: Optional[str] = N
     _validate_attacks(cfg)
     _validate_defense(cfg)
     cfg = with_blackbox_check(cfg)
-    model, info = _load_model(ckpt, trust_bundle)
+    model, info = _load_model(ckpt, trust_bundle, cfg.evaluate.model_options)
     surrogate, sur_info = (_load_model(cfg.evaluate.surrogate_checkpoint, trust_bundle)
                            if cfg.evaluate.surrogate_checkpoint else (None, None))
     cases = load_datalist(cfg.data.datalist, key=split, base_dir=cfg.data.base_dir)
@@ -205,16 +205,22 @@ def run_detect(path: Optional[str], overrides: list[str] | tuple[str, ...] = (),
                          model_info=info, progress=progress)
 
 
-def _load_model(spec: str, trust_bundle: bool) -> tuple[Any, dict[str, Any]]:
-    """Load a model from any source (:func:`volattack.models.sources.load_model`); its description
-    for the results is the network (the checkpoint's model section, the architecture), the source,
-    the format and the path."""
+def _load_model(spec: str, trust_bundle: bool, options: Optional[dict[str, Any]] = None) -> tuple[Any, dict[str, Any]]:
+    """Load a model from any source (:func:`volattack.models.sources.load_model`, with the source's
+    ``options``: ``evaluate.model_options``); its description for the results is the network (the
+    checkpoint's model section, the architecture), the source, the format, the path and the
+    options."""
     from volattack.models.sources import load_model
 
-    loaded = load_model(spec, trust_bundle=trust_bundle)
+    try:
+        loaded = load_model(spec, trust_bundle=trust_bundle, **(options or {}))
+    except ValueError as e:
+        raise ConfigError(f"evaluate.model_options: {e}") if options else e from None
     desc = loaded.info.get("model") if isinstance(loaded.info.get("model"), dict) else {}
     info = {**desc, **{k: loaded.info.get(k) for k in ("source", "format", "architecture")}, "checkpoint": str(spec)}
     info.setdefault("name", info.get("architecture") or info.get("format") or "model")
+    if options:
+        info["options"] = dict(options)
     return loaded, info
 
 

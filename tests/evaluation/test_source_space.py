@@ -270,6 +270,9 @@ def test_config_bad_values():
         EvalConfig(source_bounds=[0, 1])
     with pytest.raises(ValueError, match="cannot be combined with threat_model, surrogate_checkpoint"):
         EvalConfig(space="source", threat_model="patch", surrogate_checkpoint="x.pt")
+    with pytest.raises(ValueError, match=r"model_options must be a mapping of option names to values, got \['folds'\]"):
+        EvalConfig(model_options=["folds"])
+    assert EvalConfig(model_options=None).model_options == {}
 
 
 def test_cli_attack_space_source(setup, tmp_path, capsys):

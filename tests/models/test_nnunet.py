@@ -374,3 +374,38 @@ def test_make_nnunet_model_script_writes_nnunet_raw_layout(tmp_path):
     exec(compile(mod.TRAINER_SOURCE, "trainer", "exec"), ns)  # the trainer module nnU-Net imports
     assert issubclass(ns["nnUNetTrainer_volattack"], ns["nnUNetTrainer"])
     assert mod.main(["--trainer-dir"]) == 0 and mod.trainer_path().parent.name == "nnUNetTrainer"
+
+
+def test_cli_and_yaml_set_the_sources_options(model_dir, scan_file, reference, tmp_path, capsys):
+    # every load_model option is reachable from a run: -m KEY=VALUE on `volattack attack`,
+    # evaluate.model_options in YAML; the results record them and the pipeline uses them
+    import nibabel as nib
+
+    from volattack.cli import main
+
+    src = nib.load(str(scan_file))
+    nib.save(nib.Nifti1Image(reference[0].astype(np.uint8), src.affine), str(tmp_path / "case.nii.gz"))
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"test": [{"image": str(scan_file), "label": str(tmp_path / "case.nii.gz")}]}))
+    out = tmp_path / "run"
+    rc = main(["attack", str(model_dir), str(datalist), "pgd", "-p", "eps=8", "-p", "steps=1", "--space", "source",
+               "-m", "folds=[0]", "-m", "use_mirroring=false", "-m", "keep_activations_mb=0", "--out", str(out),
+               "--quiet"])
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["model"]["options"] == {"folds": [0], "use_mirroring": False, "keep_activations_mb": 0}
+    one_fold = load_model(model_dir, folds=[0], use_mirroring=False)
+    pred = one_fold.deploy(read_scan(scan_file)).predict(torch.as_tensor(read_scan(scan_file).array)[None])
+    from volattack.metrics import mean_foreground_dice
+
+    label = torch.as_tensor(reference[0].astype(np.int64))[None, None]
+    k = int(one_fold.num_classes)
+    assert res["cases"][0]["clean"]["dice"] == pytest.approx(float(mean_foreground_dice(pred, label, k)[0]), abs=1e-6)
+    both = load_model(model_dir).deploy(read_scan(scan_file)).predict(torch.as_tensor(read_scan(scan_file).array)[None])
+    assert not torch.equal(both, pred)  # the options change the segmentation, so the check above can fail
+    capsys.readouterr()
+    rc = main(["attack", str(model_dir), str(datalist), "pgd", "-p", "eps=8", "--space", "source", "-m", "fold=0",
+               "--out", str(tmp_path / "bad"), "--quiet"])
+    err = capsys.readouterr().err
+    assert rc != 0 and "evaluate.model_options" in err and "fold" in err and "folds" in err
+    assert not (tmp_path / "bad" / "results.json").exists()

@@ -194,6 +194,11 @@ class EvalConfig:
             ``volattack.models.external``).
         surrogate_checkpoint: if set, attacks are crafted on this model and evaluated on the
             target (transfer); ``None`` attacks the target itself (white box).
+        model_options: options of the target's model source, passed to
+            :func:`volattack.models.sources.load_model` (nnU-Net: ``folds``, ``checkpoint``,
+            ``configuration``, ``use_mirroring``, ``tile_step_size``, ``fp16_accumulation``,
+            ``keep_activations_mb``; a MONAI bundle: ``network_key``); a source refuses options it
+            does not take, naming the ones it does. Part of the cache key.
         split: the datalist key of the evaluated cases; ``None`` (default): ``data.test_key``.
             Setting both to different values is an error (:func:`evaluation_split`), unless
             ``data.test_key`` keeps its default.
@@ -232,6 +237,7 @@ class EvalConfig:
 
     checkpoint: Optional[str] = None
     surrogate_checkpoint: Optional[str] = None
+    model_options: dict[str, Any] = field(default_factory=dict)
     split: Optional[str] = None
     max_cases: Optional[int] = None
     attacks: list[AttackSpec] = field(default_factory=list)
@@ -260,6 +266,10 @@ class EvalConfig:
     trigger: Optional[TriggerEvalConfig] = None
 
     def __post_init__(self) -> None:
+        if self.model_options is None:
+            self.model_options = {}
+        if not isinstance(self.model_options, dict) or not all(isinstance(k, str) for k in self.model_options):
+            raise ValueError(f"model_options must be a mapping of option names to values, got {self.model_options!r}.")
         if isinstance(self.defense, dict):
             self.defense = DefenseConfig(**self.defense)
         if isinstance(self.certify, dict):
