@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 logger = logging.getLogger("volattack")
 
@@ -52,27 +52,8 @@ LISTINGS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser (no heavy imports)."""
-    parser = argparse.ArgumentParser(
-        prog="volattack",
-        description="Adversarial attacks and robustness evaluation for 3D medical segmentation models.",
-    )
-    parser.add_argument("--version", action="store_true", help="print the version and exit")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    p = sub.add_parser("phantoms", help="write synthetic abdominal-CT phantoms and a datalist")
-    p.add_argument("out", help="output folder")
-    p.add_argument("--n", type=int, default=16, help="training cases (default 16)")
-    p.add_argument("--n-val", type=int, default=2, help="validation cases (default 2)")
-    p.add_argument("--n-test", type=int, default=4, help="test cases (default 4)")
-    p.add_argument("--size", type=int, nargs="+", default=[64, 64, 48], help="volume size, 1 or 3 ints")
-    p.add_argument("--seed", type=int, default=0)
-
-    p = sub.add_parser("train", help="train a segmenter from a config (AdamW + Dice-CE)")
-    _add_common(p)
-    p.add_argument("--resume", action="store_true", help="continue from last.pt in the run directory")
-
+def _add_attack_parser(sub: Any) -> None:
+    """The ``attack`` subcommand: one attack on a datalist, from the command line alone."""
     p = sub.add_parser("attack", help="run one attack on a dataset with a trained checkpoint")
     p.add_argument("checkpoint", help="model: volattack checkpoint, TorchScript file or MONAI bundle directory")
     p.add_argument("datalist", help="MSD-style datalist JSON")
@@ -94,6 +75,30 @@ def build_parser() -> argparse.ArgumentParser:
                         "-m folds=[0] -m use_mirroring=false -m tile_step_size=0.5 (repeatable)")
     _add_goal(p)
     _add_common(p, config=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (no heavy imports)."""
+    parser = argparse.ArgumentParser(
+        prog="volattack",
+        description="Adversarial attacks and robustness evaluation for 3D medical segmentation models.",
+    )
+    parser.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser("phantoms", help="write synthetic abdominal-CT phantoms and a datalist")
+    p.add_argument("out", help="output folder")
+    p.add_argument("--n", type=int, default=16, help="training cases (default 16)")
+    p.add_argument("--n-val", type=int, default=2, help="validation cases (default 2)")
+    p.add_argument("--n-test", type=int, default=4, help="test cases (default 4)")
+    p.add_argument("--size", type=int, nargs="+", default=[64, 64, 48], help="volume size, 1 or 3 ints")
+    p.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("train", help="train a segmenter from a config (AdamW + Dice-CE)")
+    _add_common(p)
+    p.add_argument("--resume", action="store_true", help="continue from last.pt in the run directory")
+
+    _add_attack_parser(sub)
 
     p = sub.add_parser("evaluate", help="evaluate a checkpoint against a list of attacks and budgets")
     _add_common(p)

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from volattack.data.io import read_volume
-from volattack.data.source import (SourceScan, channel_file_names, read_geometry, read_scan, write_scan,
-                                   write_scan_channels)
+from volattack.data.source import SourceScan, read_geometry, read_scan, write_scan
+from volattack.data.source_channels import channel_file_names, write_scan_channels
 
 SPACING = (1.4, 1.4, 3.2)
 
@@ -148,7 +148,7 @@ def test_channels_from_a_4d_file_and_from_a_list(tmp_path):
     listed = read_scan([tmp_path / "c0.nii.gz", tmp_path / "c1.nii.gz"])
     np.testing.assert_allclose(listed.array, scan.array)
     assert listed.path == tmp_path / "c0.nii.gz" and len(listed.paths) == 2
-    with pytest.raises(ValueError, match="use write_scan_channels"):
+    with pytest.raises(ValueError, match="source_channels.write_scan_channels"):
         write_scan(listed, listed.array, tmp_path / "z.nii.gz")
 
 

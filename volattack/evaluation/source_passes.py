@@ -307,7 +307,8 @@ class SourcePasses(CasePasses):
             ``(read-back scan, its tensor (1, C, I, J, K), its prediction, info, written paths)``
             (one path, or one per channel file).
         """
-        from volattack.data.source import channel_file_names, read_scan, write_scan, write_scan_channels
+        from volattack.data.source import read_scan, write_scan
+        from volattack.data.source_channels import channel_file_names, write_scan_channels
 
         atk = self._create(name, pipe, **kw)
         goal = self.case_goal.run_kwargs(atk) if self.case_goal is not None else {}
