@@ -432,7 +432,7 @@ def write_scan(scan: SourceScan, array: Any, path: PathLike, *, description: str
     Raises:
         ValueError: a shape other than the scan's, non-finite values, an unsupported suffix, a
             DICOM scan written to a file or a file scan written as DICOM, several channel files
-            (write each channel's own scan).
+            (:func:`volattack.data.source_channels.write_scan_channels` writes those).
     """
     p = Path(path).expanduser()
     a = _check_array(scan, array)
