@@ -207,17 +207,25 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                      progress=not args.quiet), out)
 
 
+def _key_values(items: Sequence[str]) -> dict[str, Any]:
+    """``KEY=VALUE`` arguments (``-p``, ``-m``) as a mapping, values parsed like ``--set``."""
+    from volattack.config import parse_override
+
+    out = {}
+    for item in items:
+        keys, value = parse_override(item)
+        out[".".join(keys)] = value
+    return out
+
+
 def cmd_attack(args: argparse.Namespace) -> int:
-    from volattack.config import apply_overrides, from_dict, load_yaml, parse_override
+    from volattack.config import apply_overrides, from_dict, load_yaml
     from volattack.config import RunConfig
     from volattack.pipeline import config_from_checkpoint_dir, run_evaluate
 
     raw = load_yaml(args.config) if args.config else (config_from_checkpoint_dir(args.checkpoint) or {})
     raw = {k: v for k, v in raw.items() if k in ("seed", "data", "model")}
-    params = {}
-    for item in args.params:
-        keys, value = parse_override(item)
-        params[".".join(keys)] = value
+    params = _key_values(args.params)
     raw.setdefault("data", {})
     raw["data"]["datalist"] = args.datalist
     if args.split is not None:  # the split of this datalist: replaces the test key of the training config
@@ -231,10 +239,7 @@ def cmd_attack(args: argparse.Namespace) -> int:
     }
     if args.space is not None:
         raw["evaluate"]["space"] = args.space
-    options = {}
-    for item in args.model_options:
-        keys, value = parse_override(item)
-        options[".".join(keys)] = value
+    options = _key_values(args.model_options)
     if options:
         raw["evaluate"]["model_options"] = options
     goal = _goal_args(args)

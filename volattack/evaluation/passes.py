@@ -217,8 +217,9 @@ class CasePasses:
         return (self.cfg.figures and index < self.cfg.figure_cases and bool(self.runs)
                 and importlib.util.find_spec("matplotlib") is not None)
 
-    def missing_outputs(self, record: CaseRecord) -> list[str]:
-        """What a cached case lacks that this configuration asks for (files, its panel)."""
+    def missing_outputs(self, record: CaseRecord, entry: Optional[Mapping[str, Any]] = None) -> list[str]:
+        """What a cached case lacks that this configuration asks for (files, its panel); ``entry``
+        is the case's datalist entry (passes whose outputs depend on its files use it)."""
         missing = [f for f in self.expected_outputs(record.case) if not (self.out / f).is_file()]
         if self.wants_panel(record.index) and not (record.figure and (self.out / record.figure).is_file()):
             missing.append("its figure panel")

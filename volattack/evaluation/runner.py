@@ -77,7 +77,7 @@ def _run_cases(passes: CasePasses, mine: Sequence[tuple[int, dict[str, Any]]], c
         key: CacheKey = case_key(run_parts, entry, i)
         cached, why = cache.lookup(cid, key)
         if cached is not None:
-            missing = passes.missing_outputs(cached)
+            missing = passes.missing_outputs(cached, entry)
             if not missing:
                 done[i] = cached
                 logger.info("case %s already done, reused", cid)

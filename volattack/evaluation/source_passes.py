@@ -57,23 +57,10 @@ _SIZE_KEYS = ("linf", "rms", "psnr", "ssim", "linf_units", "rms_units", "l2")
 
 
 def _image_files(image: Any) -> list[str]:
-    """The files of a case's ``image``: a path, a list of channel files, or a record's string of
-    either (``CaseRecord.image`` is ``str(entry["image"])``)."""
+    """The files of a case's ``image``: one path, or a list of channel files."""
     if image is None:
         return []
-    if isinstance(image, (list, tuple)):
-        return [str(p) for p in image]
-    text = str(image)
-    if text.startswith("[") and text.endswith("]"):
-        import ast
-
-        try:
-            parsed = ast.literal_eval(text)
-        except (ValueError, SyntaxError):
-            return [text]
-        if isinstance(parsed, (list, tuple)):
-            return [str(p) for p in parsed]
-    return [text]
+    return [str(p) for p in image] if isinstance(image, (list, tuple)) else [str(image)]
 
 
 def _first_image(entry: Mapping[str, Any]) -> Any:
@@ -282,11 +269,12 @@ class SourcePasses(CasePasses):
                     for c, p in enumerate(files)]
         return out
 
-    def missing_outputs(self, record: CaseRecord) -> list[str]:
+    def missing_outputs(self, record: CaseRecord, entry: Optional[Mapping[str, Any]] = None) -> list[str]:
         b = record.clean.info.get("source_bounds")
         if isinstance(b, list) and len(b) == 2:
             self.case_bounds[record.case] = (float(b[0]), float(b[1]))
-        return [f for f in self.expected_outputs(record.case, record.image) if not (self.out / f).exists()]
+        image = entry.get("image") if entry is not None else record.image
+        return [f for f in self.expected_outputs(record.case, image) if not (self.out / f).exists()]
 
     def wants_panel(self, index: int) -> bool:
         return False  # the triplanar panel shows model-input volumes
