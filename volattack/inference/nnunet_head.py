@@ -19,7 +19,9 @@ identity in the backward pass (straight-through).
 
 Gradient: a whole-volume loss needs every window's logits before any window's backward. The
 forward pass keeps the autograd graphs of as many network passes as fit ``keep_activations_mb``
-(measured from the tensors autograd saves for the first pass); the backward pass runs the
+(measured from the tensors autograd saves for the first pass), their saved tensors copied into one
+arena (:class:`~volattack.inference.kept_passes.KeptPasses`, so that they do not pin the heap
+under the volume-sized buffers); the backward pass runs the
 vector-Jacobian product of each kept pass directly and recomputes the others window by window,
 fold by fold and flip by flip, each recomputed pass followed at once by its VJP, so that beyond the
 budget at most one window's activations are alive (the technique of
@@ -42,6 +44,7 @@ import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
 from volattack.checks import check_number
+from volattack.inference.kept_passes import KeptPasses
 from volattack.inference.nnunet_steps import NnunetResize
 
 
@@ -139,7 +142,7 @@ class NnunetHead(nn.Module):
     def _round(self, t: torch.Tensor) -> torch.Tensor:
         return t.half().float() if self.fp16 else t
 
-    def _mirrored(self, net: nn.Module, w: torch.Tensor, keep: Optional["_PassCache"] = None,
+    def _mirrored(self, net: nn.Module, w: torch.Tensor, keep: Optional["KeptPasses"] = None,
                   key: tuple[int, int] = (0, 0)) -> torch.Tensor:
         """nnU-Net's ``_internal_maybe_mirror_and_predict`` (fp32 sum in its order, then the mean).
         With ``keep``, each flip's pass is offered to the cache (its graph kept if it fits)."""
@@ -151,10 +154,10 @@ class NnunetHead(nn.Module):
             pred = out if pred is None else pred + out
         return pred / len(self.flips) if len(self.flips) > 1 else pred
 
-    def fold_logits(self, xpad: torch.Tensor, keep: Optional["_PassCache"] = None) -> torch.Tensor:
+    def fold_logits(self, xpad: torch.Tensor, keep: Optional["KeptPasses"] = None) -> torch.Tensor:
         """The mean over folds of the gaussian-weighted window logits on the padded grid (no grad).
 
-        ``keep``: a :class:`_PassCache` that keeps the graphs of the passes that fit its budget.
+        ``keep``: a :class:`KeptPasses` that keeps the graphs of the passes that fit its budget.
 
         Shape:
             ``(1, C, *padded)`` -> ``(1, K, *padded)`` float32 (float16 values when emulating).
@@ -184,7 +187,7 @@ class NnunetHead(nn.Module):
             count[sl] += g
         return count
 
-    def probabilities(self, x: torch.Tensor, keep: Optional["_PassCache"] = None) -> torch.Tensor:
+    def probabilities(self, x: torch.Tensor, keep: Optional["KeptPasses"] = None) -> torch.Tensor:
         """The forward computation without autograd (see the module docstring). The logits are
         resampled back one class at a time (float64 as nnU-Net, without K float64 volumes alive).
         ``keep`` collects the graphs of the network passes that fit its budget."""
@@ -205,7 +208,7 @@ class NnunetHead(nn.Module):
         return _HeadVJP.apply(x, self)
 
     def input_grad(self, x: torch.Tensor, grad_p: torch.Tensor, p: torch.Tensor,
-                   keep: Optional["_PassCache"] = None) -> torch.Tensor:
+                   keep: Optional["KeptPasses"] = None) -> torch.Tensor:
         """The vector-Jacobian product of :meth:`probabilities` at ``x`` for the cotangent ``grad_p``
         (``keep``: the passes whose graphs the forward kept; the others are recomputed).
 
@@ -236,7 +239,7 @@ class NnunetHead(nn.Module):
         """A zero float32 ``(*lead, *padded)`` gradient buffer."""
         return torch.zeros(tuple(lead) + tuple(self._layout["padded"]), dtype=torch.float32, device=device)
 
-    def _window_vjp(self, xpad: torch.Tensor, g: torch.Tensor, keep: Optional["_PassCache"] = None) -> torch.Tensor:
+    def _window_vjp(self, xpad: torch.Tensor, g: torch.Tensor, keep: Optional["KeptPasses"] = None) -> torch.Tensor:
         """Sum over folds, windows and flips of each network pass's input VJP: a kept pass's graph
         is used (and released), any other pass is recomputed (one recomputed pass alive)."""
         gauss = self.gauss16.float()
@@ -268,55 +271,13 @@ class NnunetHead(nn.Module):
                 "resample_in": self.resize_in.describe(), "resample_out": self.resize_out.describe()}
 
 
-class _PassCache:
-    """The autograd graphs of network passes kept from the forward to the backward pass.
-
-    :meth:`run` evaluates one pass; it keeps ``(input leaf, output)`` under ``key`` while the
-    bytes autograd saves for the kept passes (counted by ``saved_tensors_hooks``, each storage
-    once, parameters excluded) stay within ``budget``; beyond it the pass runs without autograd
-    and the backward recomputes it. :meth:`pop` hands a kept pass to the backward and forgets it.
-    """
-
-    def __init__(self, budget: int) -> None:
-        self.budget = int(budget)
-        self.used = 0
-        self.per_pass: Optional[int] = None
-        self.kept: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def run(self, net: nn.Module, w: torch.Tensor, key: tuple[int, ...]) -> torch.Tensor:
-        if self.per_pass is not None and self.used + self.per_pass > self.budget:
-            with torch.no_grad():
-                return net(w.contiguous())
-        seen: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            if not isinstance(t, nn.Parameter):
-                st = t.untyped_storage()
-                seen[st.data_ptr()] = st.nbytes()
-            return t
-
-        wi = w.detach().contiguous().requires_grad_(True)
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = net(wi)
-        size = sum(seen.values()) + out.untyped_storage().nbytes()
-        self.per_pass = size if self.per_pass is None else max(self.per_pass, size)
-        if self.used + size > self.budget:
-            return out.detach()
-        self.used += size
-        self.kept[key] = (wi, out)
-        return out.detach()
-
-    def pop(self, key: tuple[int, ...]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
-        return self.kept.pop(key, None)
-
-
 class _HeadVJP(torch.autograd.Function):
     """Probabilities of :class:`NnunetHead`; backward = window-, fold- and flip-wise VJPs, using
-    the passes the forward kept (:class:`_PassCache`) and recomputing the others."""
+    the passes the forward kept (:class:`KeptPasses`) and recomputing the others."""
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, head: NnunetHead) -> torch.Tensor:
-        keep = _PassCache(head.keep_bytes) if head.keep_bytes > 0 else None
+        keep = KeptPasses(head.keep_bytes) if head.keep_bytes > 0 else None
         p = head.probabilities(x, keep)
         head.last_kept = len(keep.kept) if keep is not None else 0
         head.last_pass_bytes = keep.per_pass if keep is not None else None
@@ -329,7 +290,11 @@ class _HeadVJP(torch.autograd.Function):
     def backward(ctx: Any, grad_p: torch.Tensor) -> tuple[Optional[torch.Tensor], None]:
         x, p = ctx.saved_tensors
         keep, ctx.keep = ctx.keep, None
-        return ctx.head.input_grad(x, grad_p, p, keep).to(x.dtype), None
+        try:
+            return ctx.head.input_grad(x, grad_p, p, keep).to(x.dtype), None
+        finally:
+            if keep is not None:
+                keep.release()
 
 
 __all__ = ["NnunetHead", "mirror_combinations"]
