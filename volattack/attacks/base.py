@@ -43,6 +43,7 @@ import torch
 from torch import nn
 
 from volattack.attacks.inputs import check_images, check_labels, check_mask, parse_amp_dtype
+from volattack.attacks.box_objective import boxed_objective, constant_outside
 from volattack.attacks.objectives import objective_per_sample
 from volattack.attacks.streams import RandomStreams, check_sample_ids
 from volattack.checks import check_number
@@ -361,6 +362,10 @@ class Attack:
             logits ``(B, K, *spatial)`` -> ``(B,)``.
         """
         steps = max(int(getattr(self, "steps", 1)), 1)
+        outside = constant_outside(self.model, self.objective, self.inferer, logits)
+        if outside is not None:  # the same objective, computed on the box the output varies in
+            value = boxed_objective(logits, y if target is None else target, self.objective, *outside)
+            return value if target is None else -value
         if target is None:
             return objective_per_sample(logits, y, self.objective, step=step, steps=steps)
         return -objective_per_sample(logits, target, self.objective, step=step, steps=steps, targeted=True)

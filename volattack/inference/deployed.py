@@ -199,6 +199,8 @@ class DeployedPipeline(nn.Module):
         self.bounds = (float(b[0]), float(b[1]))
         self.units = units
         self.info = dict(describe or {})
+        self._outside: Optional[tuple[tuple[slice, ...], torch.Tensor, tuple[int, ...]]] = None
+        self._outside_known = False
 
     @property
     def in_shape(self) -> Optional[tuple[int, int, int]]:
@@ -253,9 +255,46 @@ class DeployedPipeline(nn.Module):
             for op in self._inverse_prob:
                 p = op(p)
             lp = torch.log(p.clamp_min(MIN_PROB))
+        if not self._outside_known:
+            self._find_constant_outside(lp)
         for op in self._inverse_log:
             lp = op(lp)
         return lp
+
+    def _find_constant_outside(self, lp: torch.Tensor) -> None:
+        """The box of the source grid outside which :meth:`forward` is the constant ``(log 1, log
+        MIN_PROB, ...)`` (the log-space inverse steps only pad, permute and flip), found once by
+        passing a marker through them; ``None`` when there is no such box or it is the whole grid."""
+        self._outside_known = True
+        if not self._inverse_log:
+            return
+        with torch.no_grad():
+            mark = torch.zeros((1, lp.shape[1]) + tuple(lp.shape[2:]), dtype=torch.float32, device=lp.device)
+            mark[:, 0] = 1.0
+            for op in self._inverse_log:
+                mark = op(mark)
+            inside = mark[0, 0] != 0
+            idx = [torch.nonzero(inside.any(dim=tuple(d for d in range(3) if d != a))).flatten() for a in range(3)]
+            if any(i.numel() == 0 for i in idx):
+                return
+            box = tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)
+            const = torch.full((lp.shape[1],), LOG_MIN_PROB, dtype=torch.float32, device=lp.device)
+            const[0] = 0.0
+            full = tuple(mark.shape[2:])
+            rest = mark.clone()
+            rest[(slice(None), slice(None)) + box] = const.view(1, -1, 1, 1, 1)
+            boxed = mark[(slice(None), slice(None)) + box]
+            exact = bool(inside[box].all()) and bool((rest == const.view(1, -1, 1, 1, 1)).all()) \
+                and bool((boxed[:, 1:] == 0).all())
+            if exact and tuple(b.stop - b.start for b in box) != full:
+                self._outside = (box, const, full)
+
+    def constant_outside(self) -> Optional[tuple[tuple[slice, ...], torch.Tensor, tuple[int, ...]]]:
+        """``(box, const, grid)``: :meth:`forward`'s output equals ``const`` ``(K,)`` at every voxel of
+        the source grid ``grid`` outside the three slices ``box``, whatever the input; ``None``
+        when not known (before the first call) or when no voxel is outside. Attacks use it to
+        compute sum objectives on the box only (:mod:`volattack.attacks.box_objective`)."""
+        return self._outside
 
     def predict(self, x_src: torch.Tensor) -> torch.Tensor:
         """Class map on the source grid, no gradient.

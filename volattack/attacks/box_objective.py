@@ -1,0 +1,101 @@
+"""Exact objectives for model outputs that are constant outside a box.
+
+A deployed pipeline in ``space: source`` (:class:`~volattack.inference.deployed.DeployedPipeline`)
+scores the whole scan grid, but outside the box it cropped its model input to, its output does not
+depend on the input: every voxel there holds the same logit vector ``c`` (background log-probability
+``log 1``, the other classes ``log MIN_PROB``). The cross-entropy and soft Dice objectives are sums
+over voxels, so their value on the full grid is the sum over the box plus terms that only need the
+number of voxels of each label class outside the box:
+
+- CE (mean over the N voxels): ``(sum_box ce(z, y) + sum_k n_k * (-log_softmax(c)_k)) / N``;
+- soft Dice of class k (MONAI ``DiceLoss``: softmax, one-hot labels, background included,
+  ``smooth_nr = smooth_dr = 1e-5``): ``1 - (2 I_k + 1e-5) / (G_k + P_k + 1e-5)`` with
+  ``I_k = sum_box p_k [y = k] + q_k n_k``, ``G_k = sum [y = k]``, ``P_k = sum_box p_k + q_k N_out``,
+  ``q = softmax(c)``, ``n_k`` the voxels of class k outside the box, averaged over the classes
+  (Milletari et al. 2016, V-Net, as implemented by MONAI).
+
+The gradient is the same (the outside terms are constants), the values agree with the full-grid
+objectives to float32 summation round-off, and the softmax, one-hot maps and log-softmax run on the
+box only: for the quickstart phantoms about 58% of the scan's voxels (``benchmarks/bench_source_space.py``).
+Objectives that are not such sums (SegPGD's and CosPGD's voxel weights, SEA's masked losses) are
+computed on the full grid by the attacks.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+#: objectives :func:`boxed_objective` computes exactly from the box and the outside counts.
+BOX_OBJECTIVES = frozenset({"ce", "dice", "dice_ce"})
+
+_SMOOTH = 1e-5  # MONAI DiceLoss's smooth_nr and smooth_dr
+
+
+def _class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Voxels of each class per sample, ``(B, 1, *spatial)`` long -> ``(B, K)`` float32."""
+    b = labels.shape[0]
+    flat = labels.reshape(b, -1) + torch.arange(b, device=labels.device)[:, None] * num_classes
+    return torch.bincount(flat.flatten(), minlength=b * num_classes).view(b, num_classes).float()
+
+
+def boxed_objective(logits: torch.Tensor, labels: torch.Tensor, kind: str, box: Sequence[slice],
+                    const: torch.Tensor) -> torch.Tensor:
+    """The objective ``kind`` (``"ce"``, ``"dice"`` or ``"dice_ce"``) of the full grid, computed from
+    the box and the constant logits outside it (module docstring).
+
+    Args:
+        logits: ``(B, K, *spatial)`` float32, equal to ``const`` at every voxel outside ``box``.
+        labels: ``(B, 1, *spatial)`` long, on the full grid.
+        kind: one of :data:`BOX_OBJECTIVES`.
+        box: three slices (steps 1) of the spatial grid.
+        const: ``(K,)`` the logits outside the box.
+
+    Shape:
+        returns ``(B,)``, as :func:`~volattack.attacks.objectives.objective_per_sample`.
+    """
+    if kind not in BOX_OBJECTIVES:
+        raise ValueError(f"kind must be one of {sorted(BOX_OBJECTIVES)}, got {kind!r}.")
+    b, k = logits.shape[:2]
+    sl = (slice(None), slice(None)) + tuple(box)
+    zb, yb = logits[sl], labels[sl]
+    n_full = labels[0, 0].numel()
+    n_box = yb[0, 0].numel()
+    ground = _class_counts(labels, k)
+    outside = ground - _class_counts(yb, k)  # (B, K) label voxels outside the box
+    logq = torch.log_softmax(const.float().to(logits.device), dim=0)
+    lsm = torch.log_softmax(zb, dim=1)
+    out = logits.new_zeros(b)
+    if kind in ("ce", "dice_ce"):
+        ce_box = -lsm.gather(1, yb).flatten(1).sum(dim=1)
+        out = out + (ce_box + (outside * -logq).sum(dim=1)) / n_full
+    if kind in ("dice", "dice_ce"):
+        p = lsm.exp()
+        q = logq.exp()
+        inter_box = torch.zeros(b, k, dtype=p.dtype, device=p.device).scatter_add(
+            1, yb.flatten(1), p.gather(1, yb).flatten(1))
+        inter = inter_box + q * outside
+        pred = p.flatten(2).sum(dim=2) + q * float(n_full - n_box)
+        dice = 1.0 - (2.0 * inter + _SMOOTH) / (ground + pred + _SMOOTH)
+        out = out + dice.mean(dim=1)
+    return out
+
+
+def constant_outside(model: Any, objective: Any, inferer: Any,
+                     logits: torch.Tensor) -> Optional[tuple[tuple[slice, ...], torch.Tensor]]:
+    """``(box, const)`` from ``model.constant_outside()`` (a deployed pipeline in ``space: source``)
+    when ``objective`` is one that :func:`boxed_objective` computes exactly and ``logits`` came
+    straight from ``model`` (no ``inferer``) on that grid; else ``None`` (the attack then uses the
+    full-grid objective)."""
+    if not isinstance(objective, str) or objective not in BOX_OBJECTIVES or inferer is not None:
+        return None
+    fn = getattr(model, "constant_outside", None)
+    info = fn() if callable(fn) else None
+    if info is None or tuple(logits.shape[2:]) != tuple(info[2]):
+        return None
+    return info[0], info[1]
+
+
+__all__ = ["BOX_OBJECTIVES", "boxed_objective", "constant_outside"]
