@@ -63,7 +63,14 @@ def test_certified_rows_reach_records_summary_and_report(tmp_path, cases):
         assert row["linf"] is None and row["seconds"] > 0
     summ = res["summary"]["attacks"]["certified(sigma=0.12)"]
     assert summ["adv_dice"] == 0.0 and summ["info"]["abstain_rate"] == 1.0
-    assert "| certified(sigma=0.12) |" in (tmp_path / "run" / "report.md").read_text()
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "| certified(sigma=0.12) |" in report
+    cert = report.split("## Certification (randomized smoothing)")[1].split("\n## ")[0]
+    line = next(t for t in cert.splitlines() if t.startswith("| certified(sigma=0.12) |")).split(" | ")
+    # sigma, n0, n, alpha, tau, radius (input units), ..., abstention rate, passes
+    assert line[1:6] == ["0.12", "2", "4", "0.1", "0.6"]
+    assert float(line[6]) == pytest.approx(0.12 * 0.2533471, rel=1e-3)
+    assert line[-2:] == ["1", "6 |"]
     assert res["row_passes"][0]["name"] == "certify" and res["row_passes"][0]["sigma"] == [0.06, 0.12]
     again, cached = run(model, cases, tmp_path / "run", sigma=[0.06, 0.12], n0=2, n=4, alpha=0.1, tau=0.6, batch=3)
     row = again["summary"]["attacks"]["certified(sigma=0.12)"]  # from the cache, info included

@@ -167,6 +167,35 @@ def size_table(results: dict[str, Any]) -> list[str]:
     return lines + [""]
 
 
+def _num(v: Any) -> str:
+    return "–" if not isinstance(v, (int, float)) or math.isnan(v) else f"{v:.4g}"
+
+
+def certify_lines(results: dict[str, Any]) -> list[str]:
+    """The report section of the certified rows (``evaluate.certify``): per sigma the test's settings,
+    the certified L2 radius in input and source units, its RMS equivalent, the abstention rate and
+    the passes spent (means over cases); empty without certified rows."""
+    rows = [(name, a["info"]) for name, a in (results["summary"].get("attacks") or {}).items()
+            if isinstance(a.get("info"), dict) and "certified_radius" in a["info"]]
+    if not rows:
+        return []
+    units = units_of(results)
+    lines = ["## Certification (randomized smoothing)", "",
+             "SegCertify (Fischer et al., ICML 2021): a voxel gets the class of the smoothed model when a one-sided "
+             "binomial test over n noisy passes, Holm-corrected over the voxels, rejects p <= tau at level alpha; "
+             "otherwise it abstains, and abstentions count as errors in the Dice columns above. Certified radius "
+             "R = sigma * Phi^-1(tau) (L2); its RMS equivalent R / sqrt(voxels) is the RMS change of an L2 "
+             "perturbation of norm R spread over the whole volume (tiny for a whole volume). Means over cases.", "",
+             f"| Row | sigma | n0 | n | alpha | tau | L2 radius | L2 radius ({units}) | RMS equivalent ({units}) | "
+             "Abstention rate | Passes per case |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, i in rows:
+        lines.append(f"| {name} | {_num(i.get('sigma'))} | {_num(i.get('n0'))} | {_num(i.get('n'))} | "
+                     f"{_num(i.get('alpha'))} | {_num(i.get('tau'))} | {_num(i.get('certified_radius'))} | "
+                     f"{_num(i.get('certified_radius_units'))} | {_num(i.get('certified_radius_rms_units'))} | "
+                     f"{_num(i.get('abstain_rate'))} | {_num(i.get('passes'))} |")
+    return lines + [""]
+
+
 def csv_text(results: dict[str, Any]) -> str:
     """The robustness table as CSV (raw numbers).
 
@@ -262,6 +291,7 @@ def write_report(results: dict[str, Any], out_dir: str | Path) -> Path:
         *nsd_lines(results),
         *goal_lines(results),
         *size_table(results),
+        *certify_lines(results),
     ]
     if results.get("sanity") is not None:
         lines += ["## Sanity checks against gradient masking", ""]
