@@ -18,9 +18,12 @@ passes over the same windows, flips and folds:
 ``step`` uses the default ``keep_activations_mb`` (``--keep-mb``): the passes whose graphs fit the
 budget are not recomputed; ``step (recompute)`` keeps none.
 
-Memory: each volume runs in a fresh subprocess reporting its peak resident set (``VmHWM``); the
-figure is ``(peak_big - peak_small) / (voxels_big - voxels_small)``, the extra peak per extra
-source voxel (constant parts cancel).
+Memory: each volume runs in a fresh subprocess reporting its peak resident set (``VmHWM``) during
+one attack step; the figure is ``(peak_big - peak_small) / (voxels_big - voxels_small)``, the extra
+peak per extra source voxel (constant parts cancel). Before the step, the setup's freed memory is
+given back to the OS and the peak counter reset (:func:`settle_memory`): the peak is that of what
+is live (model, scan, labels) plus the step, not of the phantom generation's and the clean
+prediction's garbage, which varied by tens of MiB from run to run.
 
 The model folder is ``--model`` (one built by ``data_scripts/make_nnunet_model.py``); with
 ``--folds 2`` and a folder that has one fold, a temporary copy gets ``fold_1`` = ``fold_0`` (same
@@ -138,11 +141,31 @@ def setup(args, size, keep_mb=None):
     return pipe, x, y, tmp, (folder, scan)
 
 
+def settle_memory() -> int:
+    """Give freed heap memory back to the OS (glibc ``malloc_trim``), reset the peak counter to the
+    current resident set (Linux ``/proc/self/clear_refs``, value 5) and return that resident set
+    (bytes): what the setup left live, without its garbage."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:  # not glibc: nothing to trim
+        pass
+    Path("/proc/self/clear_refs").write_text("5")
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("VmRSS not found in /proc/self/status (Linux only).")
+
+
 def child_memory(args) -> None:
     pipe, x, y, tmp, _ = setup(args, args.size)
+    base = settle_memory()
     t0 = time.perf_counter()
     attack_step(pipe, x, y)
-    out = {"peak": vm_hwm(), "seconds": time.perf_counter() - t0, "voxels": int(x[0, 0].numel()),
+    out = {"peak": vm_hwm(), "base": base, "seconds": time.perf_counter() - t0, "voxels": int(x[0, 0].numel()),
            "passes": pipe.head.network_passes(), "kept": pipe.head.last_kept, "keep_mb": args.keep_mb}
     shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(out))

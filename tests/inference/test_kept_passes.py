@@ -36,6 +36,7 @@ def _plain_grad(net, w, g):
     lambda: _Reuse(),
     lambda: nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.InstanceNorm3d(4, affine=True),
                           nn.LeakyReLU(inplace=True), nn.Conv3d(4, 3, 3, padding=1)),
+    lambda: nn.Sequential(nn.Conv3d(1, 3, 3, padding=1), nn.Sigmoid()),  # its backward reads its output
 ])
 def test_kept_pass_gives_the_plain_autograd_gradient(make):
     torch.manual_seed(0)

@@ -27,9 +27,10 @@ _ALIGN = 64  # bytes; every copy starts on a multiple (any dtype's item size div
 class KeptPasses:
     """The autograd graphs of network passes kept within ``budget`` bytes.
 
-    :meth:`run` evaluates one pass; while the kept passes' saved tensors (each storage once,
-    parameters excluded) plus their outputs stay within ``budget``, the pass's saved tensors are
-    copied into the arena and ``(input leaf, output)`` is kept under ``key``; beyond it the pass
+    :meth:`run` evaluates one pass; while the kept passes' input leaves and saved tensors (each
+    storage once, parameters excluded) stay within ``budget``, the pass's input leaf is made in the
+    arena, its saved tensors are copied there, the output's own values are freed (its graph keeps
+    copies of whatever it needs) and ``(input leaf, output)`` is kept under ``key``; beyond it the pass
     runs without autograd and the backward recomputes it. :meth:`pop` hands a kept pass to the
     backward and forgets it. ``per_pass`` is the largest number of bytes one kept pass used.
 
@@ -52,6 +53,25 @@ class KeptPasses:
             self._typed[dtype] = self._arena.view(dtype)  # type: ignore[union-attr]
         return self._typed[dtype]
 
+    def _alloc(self, nbytes: int) -> Optional[int]:
+        """Offset of ``nbytes`` new bytes in the arena (aligned), or ``None`` when they do not fit."""
+        off = -(-self._top // _ALIGN) * _ALIGN
+        if off + nbytes > self._arena.numel():  # type: ignore[union-attr]
+            return None
+        self._top = off + nbytes
+        return off
+
+    def _leaf(self, w: torch.Tensor) -> Optional[torch.Tensor]:
+        """A contiguous copy of ``w`` in the arena, requiring grad (the pass's input leaf)."""
+        off = self._alloc(w.numel() * w.element_size())
+        if off is None:
+            return None
+        leaf = torch.empty(0, dtype=w.dtype, device=w.device).set_(
+            self._arena.untyped_storage(), off // w.element_size(), w.shape)  # type: ignore[union-attr]
+        with torch.no_grad():
+            leaf.copy_(w)
+        return leaf.requires_grad_(True)
+
     def run(self, net: nn.Module, w: torch.Tensor, key: tuple[int, ...]) -> torch.Tensor:
         """``net(w)`` (detached), its graph kept under ``key`` when it fits the budget."""
         if self._full or (self.per_pass is not None and self.used + self.per_pass > self.budget):
@@ -61,6 +81,7 @@ class KeptPasses:
             cap = self.budget - self.budget % _ALIGN
             self._arena = torch.empty(cap, dtype=torch.uint8, device=w.device)
         arena, start = self._arena, self._top
+        home = arena.untyped_storage().data_ptr()
         copies: dict[tuple[int, int], int] = {}
         alive: list[torch.Tensor] = []  # the originals, so that no storage address is reused within the pass
         overflow = False
@@ -70,10 +91,12 @@ class KeptPasses:
             if isinstance(t, nn.Parameter) or t.device != arena.device:
                 return t
             st = t.untyped_storage()
+            if st.data_ptr() == home:  # already in the arena (the input leaf)
+                return t
             tag = (st.data_ptr(), t._version)
             if tag not in copies:
-                off = -(-self._top // _ALIGN) * _ALIGN
-                if off + st.nbytes() > arena.numel():
+                off = self._alloc(st.nbytes())
+                if off is None:
                     overflow = True
                     return t
                 src = torch.empty(0, dtype=torch.uint8, device=t.device).set_(st)
@@ -81,23 +104,30 @@ class KeptPasses:
                     arena[off:off + st.nbytes()].copy_(src)
                 copies[tag] = off
                 alive.append(t)
-                self._top = off + st.nbytes()
             base = copies[tag] // t.element_size()
             return self._views(t.dtype).as_strided(t.size(), t.stride(), base + t.storage_offset())
 
-        wi = w.detach().contiguous().requires_grad_(True)
+        wi = self._leaf(w)
+        if wi is None:
+            self._full = True
+            with torch.no_grad():
+                return net(w.contiguous())
         with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             out = net(wi)
         del alive
-        size = (self._top - start) + out.untyped_storage().nbytes()
+        size = self._top - start
         self.per_pass = size if self.per_pass is None else max(self.per_pass, size)
+        result = out.detach().clone()
         if overflow or self.used + size > self.budget:
             self._top = start  # the pass's copies are dropped with its graph
             self._full = self._full or overflow
-            return out.detach()
+            return result
+        # the output's values are not needed any more (what its graph saved is in the arena): free
+        # them, keeping the tensor (its shape and graph) for the backward
+        out.untyped_storage().resize_(0)
         self.used += size
         self.kept[key] = (wi, out)
-        return out.detach()
+        return result
 
     def pop(self, key: tuple[int, ...]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """The kept ``(input leaf, output)`` of ``key`` (forgotten here), or ``None``."""
