@@ -80,12 +80,12 @@ def _plan(root: Path) -> dict:
     return plans
 
 
-def _checkpoint(plans: dict, ds: dict, fold: int, seed: int, mirror=(0, 2)) -> dict:
+def _checkpoint(plans: dict, ds: dict, fold: int, seed: int, mirror=(0, 2), in_channels: int = 1) -> dict:
     from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 
     a = plans["configurations"]["3d_fullres"]["architecture"]
     torch.manual_seed(seed)
-    net = get_network_from_plans(a["network_class_name"], a["arch_kwargs"], a["_kw_requires_import"], 1, 5,
+    net = get_network_from_plans(a["network_class_name"], a["arch_kwargs"], a["_kw_requires_import"], in_channels, 5,
                                  allow_init=True, deep_supervision=False)
     with torch.no_grad():
         for p in net.parameters():
