@@ -68,8 +68,9 @@ def test_boxed_objective_equals_the_full_grid_objective_in_value_and_gradient(ki
     x = _scan(2).requires_grad_(True)
     lp = pipe(x)
     box, const, _ = pipe.constant_outside()
+    assert pipe.log_softmax_output() is (not resample)  # resampling acts on probabilities
     full = objective_per_sample(lp, y, kind)
-    fast = boxed_objective(lp, y, kind, box, const)
+    fast = boxed_objective(lp, y, kind, box, const, log_probs=pipe.log_softmax_output())
     torch.testing.assert_close(fast, full, rtol=1e-5, atol=1e-6)
     (g_full,) = torch.autograd.grad(full.sum(), x, retain_graph=True)
     (g_fast,) = torch.autograd.grad(fast.sum(), x)
@@ -89,6 +90,46 @@ def test_boxed_objective_per_sample_in_a_batch(kind):
     assert fast.shape == (2,)
     torch.testing.assert_close(fast, objective_per_sample(logits, labels, kind), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(fast[1:], boxed_objective(logits[1:], labels[1:], kind, box, const))
+
+
+@pytest.mark.parametrize("kind", sorted(BOX_OBJECTIVES))
+def test_skipping_the_log_softmax_on_log_probabilities_changes_neither_value_nor_gradient(kind):
+    pipe = _pipeline(False)
+    y, x = _labels(6), _scan(7).requires_grad_(True)
+    lp = pipe(x)
+    box, const, _ = pipe.constant_outside()
+    skip, full = (boxed_objective(lp, y, kind, box, const, log_probs=f) for f in (True, False))
+    torch.testing.assert_close(skip, full, rtol=1e-6, atol=1e-7)
+    (g_skip,) = torch.autograd.grad(skip.sum(), x, retain_graph=True)
+    (g_full,) = torch.autograd.grad(full.sum(), x)
+    torch.testing.assert_close(g_skip, g_full, rtol=1e-4, atol=1e-6 * float(g_full.abs().max()))
+    # on logits that are not log-probabilities the skip is wrong: the flag is what makes it exact
+    raw = lp.detach() + 3.0
+    assert not torch.allclose(boxed_objective(raw, y, kind, box, const + 3.0, log_probs=True),
+                              objective_per_sample(raw, y, kind), rtol=1e-3)
+
+
+@pytest.mark.parametrize("kind", ["ce", "dice"])
+def test_the_kept_label_counts_follow_the_labels(kind):
+    gen = torch.Generator().manual_seed(1)
+    const = torch.tensor([0.5, -2.0, 1.0])
+    logits = const.view(1, 3, 1, 1, 1).repeat(1, 1, 5, 6, 4)
+    box = (slice(1, 4), slice(2, 6), slice(0, 3))
+    logits[(slice(None), slice(None)) + box] = torch.randn(1, 3, 3, 4, 3, generator=gen)
+    labels = torch.randint(0, 3, (1, 1, 5, 6, 4), generator=gen)
+    for _ in range(2):  # the second call reuses the counts
+        torch.testing.assert_close(boxed_objective(logits, labels, kind, box, const),
+                                   objective_per_sample(logits, labels, kind), rtol=1e-5, atol=1e-6)
+    labels[0, 0, 0] = 2  # in place, outside the box: a new version
+    torch.testing.assert_close(boxed_objective(logits, labels, kind, box, const),
+                               objective_per_sample(logits, labels, kind), rtol=1e-5, atol=1e-6)
+    other = torch.zeros_like(labels)  # another tensor
+    torch.testing.assert_close(boxed_objective(logits, other, kind, box, const),
+                               objective_per_sample(logits, other, kind), rtol=1e-5, atol=1e-6)
+    smaller = (slice(1, 3),) + box[1:]  # another box with the same labels
+    logits[:, :, 3] = const.view(1, 3, 1, 1)
+    torch.testing.assert_close(boxed_objective(logits, other, kind, smaller, const),
+                               objective_per_sample(logits, other, kind), rtol=1e-5, atol=1e-6)
 
 
 def test_boxed_objective_refuses_other_objectives():

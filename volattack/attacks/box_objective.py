@@ -23,6 +23,7 @@ computed on the full grid by the attacks.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional, Sequence
 
 import torch
@@ -42,8 +43,25 @@ def _class_counts(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     return counts.scatter_add_(1, flat, torch.ones_like(flat)).float()  # counted exactly, then float
 
 
+_last_counts: list = []  # [(weakref to labels, labels._version, box, K), (ground, outside)]: one entry
+
+
+def _label_counts(labels: torch.Tensor, box: tuple[slice, ...], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(ground, outside)``: the voxels of each class ``(B, K)`` in ``labels`` and outside ``box``.
+    An attack passes the same label tensor at every step, so the last answer is kept, keyed on that
+    tensor itself (a weak reference, so a new tensor at a reused address is never taken for it) and
+    its version counter (an in-place change invalidates it)."""
+    key = (labels._version, box, k)
+    if _last_counts and _last_counts[0][0]() is labels and _last_counts[0][1:] == key:
+        return _last_counts[1]
+    ground = _class_counts(labels, k)
+    outside = ground - _class_counts(labels[(slice(None), slice(None)) + box], k)
+    _last_counts[:] = [(weakref.ref(labels),) + key, (ground, outside)]
+    return ground, outside
+
+
 def boxed_objective(logits: torch.Tensor, labels: torch.Tensor, kind: str, box: Sequence[slice],
-                    const: torch.Tensor) -> torch.Tensor:
+                    const: torch.Tensor, log_probs: bool = False) -> torch.Tensor:
     """The objective ``kind`` (``"ce"``, ``"dice"`` or ``"dice_ce"``) of the full grid, computed from
     the box and the constant logits outside it (module docstring).
 
@@ -53,6 +71,10 @@ def boxed_objective(logits: torch.Tensor, labels: torch.Tensor, kind: str, box: 
         kind: one of :data:`BOX_OBJECTIVES`.
         box: three slices (steps 1) of the spatial grid.
         const: ``(K,)`` the logits outside the box.
+        log_probs: the logits are already log-probabilities (``log_softmax`` output, as a deployed
+            pipeline without probability-space inverse steps gives): the objective's own
+            ``log_softmax`` is then skipped (it is the identity on them up to round-off, and so is
+            its gradient, composed with the pipeline's).
 
     Shape:
         returns ``(B,)``, as :func:`~volattack.attacks.objectives.objective_per_sample`.
@@ -60,23 +82,22 @@ def boxed_objective(logits: torch.Tensor, labels: torch.Tensor, kind: str, box: 
     if kind not in BOX_OBJECTIVES:
         raise ValueError(f"kind must be one of {sorted(BOX_OBJECTIVES)}, got {kind!r}.")
     b, k = logits.shape[:2]
-    sl = (slice(None), slice(None)) + tuple(box)
+    box = tuple(box)
+    sl = (slice(None), slice(None)) + box
     zb, yb = logits[sl], labels[sl]
     n_full = labels[0, 0].numel()
     n_box = yb[0, 0].numel()
-    ground = _class_counts(labels, k)
-    outside = ground - _class_counts(yb, k)  # (B, K) label voxels outside the box
+    ground, outside = _label_counts(labels, box, k)  # (B, K); outside: label voxels outside the box
     logq = torch.log_softmax(const.float().to(logits.device), dim=0)
-    lsm = torch.log_softmax(zb, dim=1)
+    lsm = zb if log_probs else torch.log_softmax(zb, dim=1)
+    lsm_y = lsm.gather(1, yb).flatten(1)  # (B, N_box) log-probability of each voxel's label
     out = logits.new_zeros(b)
     if kind in ("ce", "dice_ce"):
-        ce_box = -lsm.gather(1, yb).flatten(1).sum(dim=1)
-        out = out + (ce_box + (outside * -logq).sum(dim=1)) / n_full
+        out = out + (-lsm_y.sum(dim=1) + (outside * -logq).sum(dim=1)) / n_full
     if kind in ("dice", "dice_ce"):
         p = lsm.exp()
         q = logq.exp()
-        inter_box = torch.zeros(b, k, dtype=p.dtype, device=p.device).scatter_add(
-            1, yb.flatten(1), p.gather(1, yb).flatten(1))
+        inter_box = torch.zeros(b, k, dtype=p.dtype, device=p.device).scatter_add(1, yb.flatten(1), lsm_y.exp())
         inter = inter_box + q * outside
         pred = p.flatten(2).sum(dim=2) + q * float(n_full - n_box)
         dice = 1.0 - (2.0 * inter + _SMOOTH) / (ground + pred + _SMOOTH)
@@ -85,18 +106,20 @@ def boxed_objective(logits: torch.Tensor, labels: torch.Tensor, kind: str, box: 
 
 
 def constant_outside(model: Any, objective: Any, inferer: Any,
-                     logits: torch.Tensor) -> Optional[tuple[tuple[slice, ...], torch.Tensor]]:
-    """``(box, const)`` from ``model.constant_outside()`` (a deployed pipeline in ``space: source``)
+                     logits: torch.Tensor) -> Optional[tuple[tuple[slice, ...], torch.Tensor, bool]]:
+    """``(box, const, log_probs)`` from ``model.constant_outside()`` (a deployed pipeline in ``space: source``)
     when ``objective`` is one that :func:`boxed_objective` computes exactly and ``logits`` came
     straight from ``model`` (no ``inferer``) on that grid; else ``None`` (the attack then uses the
-    full-grid objective)."""
+    full-grid objective). ``log_probs``: ``model.log_softmax_output()``, the arguments of
+    :func:`boxed_objective`."""
     if not isinstance(objective, str) or objective not in BOX_OBJECTIVES or inferer is not None:
         return None
     fn = getattr(model, "constant_outside", None)
     info = fn() if callable(fn) else None
     if info is None or tuple(logits.shape[2:]) != tuple(info[2]):
         return None
-    return info[0], info[1]
+    normalised = getattr(model, "log_softmax_output", None)
+    return info[0], info[1], bool(normalised()) if callable(normalised) else False
 
 
 __all__ = ["BOX_OBJECTIVES", "boxed_objective", "constant_outside"]

@@ -296,6 +296,12 @@ class DeployedPipeline(nn.Module):
         compute sum objectives on the box only (:mod:`volattack.attacks.box_objective`)."""
         return self._outside
 
+    def log_softmax_output(self) -> bool:
+        """Whether :meth:`forward` is the head's clamped ``log_softmax`` carried by log-space steps
+        only (no probability-space inverse step such as resampling): its rows are then normalised
+        log-probabilities, and objectives may skip their own ``log_softmax``."""
+        return not self._inverse_prob and hasattr(self.head, "log_forward")
+
     def predict(self, x_src: torch.Tensor) -> torch.Tensor:
         """Class map on the source grid, no gradient.
 
