@@ -14,6 +14,7 @@ from volattack.data.intensity import ZScoreIntensity, intensity_from_preprocess
 from volattack.data.io import read_volume, write_nifti
 from volattack.data.phantoms import generate_phantom
 from volattack.data.transforms import (
+    LoadVolumed,
     SimpleITKReader,
     build_dataset,
     build_transforms,
@@ -195,6 +196,23 @@ def test_missing_file_error(case, tmp_path):
     t = build_transforms(PreprocessConfig())
     with pytest.raises(FileNotFoundError, match=r"key 'label' not found: '.*gone\.nii\.gz'"):
         t({"image": case["image"], "label": str(tmp_path / "gone.nii.gz")})
+
+
+def test_channel_files_are_stacked_as_channels(case, tmp_path):
+    """A list of single-channel files (nnU-Net's raw layout) loads as one multi-channel image."""
+    hu = case["phantom"].image
+    other = np.where(hu > -100.0, hu + 50.0, hu)  # another channel with the same foreground (HU > -175)
+    second = write_nifti(other, tmp_path / "img_0001.nii.gz", case["phantom"].affine)
+    t = build_transforms(PreprocessConfig())
+    one = t({"image": case["image"], "label": case["label"]})
+    two = t({"image": [case["image"], str(second)], "label": case["label"]})
+    assert two["image"].shape == (2,) + tuple(one["image"].shape[1:])
+    assert torch.equal(two["image"][:1], one["image"]) and not torch.equal(two["image"][1], one["image"][0])
+    assert torch.equal(two["label"], one["label"])
+    with pytest.raises(FileNotFoundError, match=r"key 'image' not found: '.*gone_0001\.nii\.gz'"):
+        t({"image": [case["image"], str(tmp_path / "gone_0001.nii.gz")], "label": case["label"]})
+    with pytest.raises(ValueError, match=r"sample\['image'\] must be a file path or a list of them .*got \[3\]"):
+        LoadVolumed(["image"])({"image": [3]})
 
 
 def test_train_mode_requires_label(case):

@@ -53,6 +53,18 @@ def test_plain_string_entries_without_labels(files):
         load_datalist(p, key="test")
 
 
+def test_an_image_may_be_one_file_per_channel(files):
+    (files / "imagesTr/a_0001.nii.gz").write_bytes(b"x")
+    p = _write(files, {"training": [{"image": ["imagesTr/a.nii.gz", "imagesTr/a_0001.nii.gz"],
+                                     "label": "labelsTr/a.nii.gz"}]})
+    assert load_datalist(p)[0]["image"] == [str(files.resolve() / "imagesTr/a.nii.gz"),
+                                            str(files.resolve() / "imagesTr/a_0001.nii.gz")]
+    p = _write(files, {"training": [{"image": ["imagesTr/a.nii.gz", "imagesTr/zz_0001.nii.gz"],
+                                     "label": "labelsTr/a.nii.gz"}]})
+    with pytest.raises(FileNotFoundError, match=r"entry 0 of 'training'.*image file not found: .*zz_0001.nii.gz"):
+        load_datalist(p)
+
+
 def test_check_files_false_skips_existence(tmp_path):
     p = _write(tmp_path, {"training": [{"image": "nope.nii.gz", "label": "nope_l.nii.gz"}]})
     out = load_datalist(p, check_files=False)
@@ -100,7 +112,11 @@ def test_split_not_a_list(tmp_path):
         ({"label": "labelsTr/a.nii.gz"}, "entry 1 of 'training'.*has no 'image' field"),
         ({"image": "imagesTr/a.nii.gz"}, "entry 1 of 'training'.*has no 'label' field"),
         (42, "entry 1 of 'training'.*must be an object or a path string, got int"),
-        ({"image": ["x", "y"], "label": "labelsTr/a.nii.gz"}, "entry 1 of 'training'.*'image' must be a non-empty path"),
+        ({"image": [], "label": "labelsTr/a.nii.gz"},
+         r"entry 1 of 'training'.*'image' must be a non-empty path string or a non-empty list of them .*got \[\]"),
+        ({"image": ["imagesTr/a.nii.gz", 3], "label": "labelsTr/a.nii.gz"}, r"'image' must be .*got \['imagesTr/a.nii.gz', 3\]"),
+        ({"image": "imagesTr/a.nii.gz", "label": ["labelsTr/a.nii.gz"]},
+         r"entry 1 of 'training'.*'label' must be a non-empty path string, got \['labelsTr/a.nii.gz'\]"),
         ({"image": "imagesTr/a.nii.gz", "label": ""}, "entry 1 of 'training'.*'label' must be a non-empty path"),
     ],
 )

@@ -175,3 +175,45 @@ def test_the_gradient_reaches_both_channels(model_dir, channel_files):
 def test_a_scan_with_another_channel_count_is_refused(model_dir, channel_files):
     with pytest.raises(ValueError, match=r"has 1 channel\(s\); the nnU-Net model expects 2 .*'CT'.*'T2'"):
         load_model(model_dir).deploy(read_scan(channel_files[0]))
+
+
+def test_a_source_space_attack_writes_channel_files_that_nnunet_scores_as_reported(model_dir, channel_files, tmp_path):
+    """``volattack attack MODEL DATALIST pgd --space source --save-adv`` on a case given as two
+    channel files: it writes two files in nnU-Net's raw naming, each with its source's dtype, and
+    ``nnUNetPredictor`` on them gives the adversarial Dice volattack reported."""
+    import nibabel as nib
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    from volattack.cli import main
+    from volattack.metrics import mean_foreground_dice
+
+    pred = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                           perform_everything_on_device=False, device=torch.device("cpu"), allow_tqdm=False)
+    pred.initialize_from_trained_model_folder(str(model_dir), use_folds=(0,))
+
+    def nnunet_seg(paths) -> np.ndarray:
+        img, props = SimpleITKIO().read_images([str(p) for p in paths])
+        return pred.predict_single_npy_array(img, props, None, None, False).transpose(2, 1, 0)
+
+    ct = nib.load(str(channel_files[0]))
+    label = tmp_path / "case.nii.gz"
+    nib.save(nib.Nifti1Image(nnunet_seg(channel_files).astype(np.uint8), ct.affine), str(label))
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"test": [{"image": [str(p) for p in channel_files], "label": str(label)}]}))
+    out = tmp_path / "run"
+    rc = main(["attack", str(model_dir), str(datalist), "pgd", "-p", "eps=40", "-p", "alpha=10", "-p", "steps=3",
+               "--space", "source", "-m", "folds=[0]", "-m", "use_mirroring=false", "--save-adv", "--out", str(out),
+               "--quiet", "--set", "evaluate.figures=false", "--set", "evaluate.sanity_checks=false",
+               "--set", "evaluate.source_bounds=[-1024, 3071]"])  # the MR-like channel has no absolute units
+    assert rc == 0
+    written = sorted((out / "adversarial").iterdir())
+    assert [p.name[-12:] for p in written] == ["_0000.nii.gz", "_0001.nii.gz"]
+    assert [nib.load(str(p)).header.get_data_dtype() for p in written] == [np.int16, np.float32]
+    res = json.loads((out / "results.json").read_text())
+    (row,) = res["cases"][0]["attacks"].values()
+    lab = torch.as_tensor(np.asarray(nib.load(str(label)).dataobj, dtype=np.int64))[None, None]
+    seg = torch.as_tensor(nnunet_seg(written).astype(np.int64))[None, None]
+    assert res["cases"][0]["clean"]["dice"] == pytest.approx(1.0, abs=1e-3)  # the label is the clean prediction
+    assert row["dice"] < 0.99  # the attack changed the segmentation, so the comparison below can fail
+    assert float(mean_foreground_dice(seg, lab, 5)[0]) == pytest.approx(row["dice"], abs=0.005)

@@ -114,11 +114,16 @@ def _case(entry: Any, where: str, base: Path, require_label: bool, check_files: 
     for k in _PATH_KEYS:
         if k not in case:
             continue
-        if not isinstance(case[k], str) or not case[k]:
-            raise ValueError(f"{where}: {k!r} must be a non-empty path string, got {case[k]!r}.")
-        case[k] = _resolve(case[k], base)
-        if check_files and not Path(case[k]).exists():
-            raise FileNotFoundError(f"{where}: {k} file not found: {case[k]!r}.")
+        channels = k == "image" and isinstance(case[k], list)  # one file per channel (nnU-Net's raw layout)
+        paths = case[k] if channels else [case[k]]
+        if not paths or not all(isinstance(p, str) and p for p in paths):
+            kind = "a non-empty path string" + (" or a non-empty list of them (one file per channel)" if k == "image" else "")
+            raise ValueError(f"{where}: {k!r} must be {kind}, got {case[k]!r}.")
+        paths = [_resolve(p, base) for p in paths]
+        for p in paths:
+            if check_files and not Path(p).exists():
+                raise FileNotFoundError(f"{where}: {k} file not found: {p!r}.")
+        case[k] = paths if channels else paths[0]
     return case
 
 

@@ -197,12 +197,15 @@ class LoadVolumed(MapTransform):
                 )
         for key in self.key_iterator(d):
             path = d[key]
-            if not isinstance(path, (str, Path)):
-                raise ValueError(f"sample[{key!r}] must be a file path, got {type(path).__name__}.")
-            if not Path(path).expanduser().exists():
-                raise ImageMissingError(f"Image file for key {key!r} not found: {str(path)!r}.")
+            paths = list(path) if isinstance(path, (list, tuple)) and path else [path]  # channel files: stacked
+            for p in paths:
+                if not isinstance(p, (str, Path)):
+                    raise ValueError(f"sample[{key!r}] must be a file path or a list of them (one per channel), "
+                                     f"got {path!r}.")
+                if not Path(p).expanduser().exists():
+                    raise ImageMissingError(f"Image file for key {key!r} not found: {str(p)!r}.")
             try:
-                d[key] = self._loader(path)
+                d[key] = self._loader(paths if len(paths) > 1 else paths[0])
             except Exception as e:  # readers raise RuntimeError, EOFError, zlib.error, OSError ...
                 root = e
                 while root.__cause__ is not None:

@@ -68,6 +68,13 @@ def _first_image(entry: Mapping[str, Any]) -> Any:
     return img[0] if isinstance(img, (list, tuple)) else img
 
 
+def _scan_paths(entry: Mapping[str, Any]) -> Any:
+    """What :func:`~volattack.data.source.read_scan` reads for ``entry``: its image file, or its
+    list of channel files."""
+    img = entry.get("image")
+    return [str(p) for p in img] if isinstance(img, (list, tuple)) else str(img)
+
+
 def _budget_values(cfg: Any) -> list[tuple[str, str, float]]:
     """``(label, name, eps)`` of every configured attack with an ``eps`` (its default when not given)."""
     from torch import nn
@@ -151,7 +158,7 @@ def check_source_run(cfg: Any, cases: Sequence[Mapping[str, Any]], loaded: Any, 
     if getattr(loaded, "deploy", None) is not None and cases:
         from volattack.data.source import read_scan
 
-        units = loaded.deploy(read_scan(_first_image(cases[0]))).units
+        units = loaded.deploy(read_scan(_scan_paths(cases[0]))).units
     check_units(cfg, units, f"model {loaded.info.get('path')!r}")
     for entry in cases[:limit]:
         _check_label_grid(entry)
@@ -244,8 +251,7 @@ class SourcePasses(CasePasses):
         """The image scan and its label ``(1, 1, I, J, K)`` long; the label must share the image's grid."""
         from volattack.data.source import read_scan
 
-        img = entry.get("image")
-        scan = read_scan(img if isinstance(img, (list, tuple)) else str(img))
+        scan = read_scan(_scan_paths(entry))
         lab = read_scan(str(entry.get("label")))
         if lab.shape != scan.shape or not np.allclose(lab.affine, scan.affine, atol=1e-3):
             raise ValueError(f"label {str(lab.path)!r} is not on the grid of image {str(scan.path)!r}: shape "
