@@ -133,7 +133,8 @@ def setup(args, size, keep_mb=None):
     tmp = Path(tempfile.mkdtemp(prefix="bench_nnunet_"))
     folder = model_with_folds(Path(args.model), args.folds, tmp)
     loaded = load_model(folder, folds=list(range(args.folds)),
-                        keep_activations_mb=args.keep_mb if keep_mb is None else keep_mb)
+                        keep_activations_mb=args.keep_mb if keep_mb is None else keep_mb,
+                        mmap_threshold_mb=args.mmap_mb)
     scan = make_scan(size, tmp / "scan.nii.gz")
     pipe = loaded.deploy(scan)
     x = torch.from_numpy(scan.array)[None]
@@ -166,7 +167,7 @@ def child_memory(args) -> None:
     t0 = time.perf_counter()
     attack_step(pipe, x, y)
     out = {"peak": vm_hwm(), "base": base, "seconds": time.perf_counter() - t0, "voxels": int(x[0, 0].numel()),
-           "passes": pipe.head.network_passes(), "kept": pipe.head.last_kept, "keep_mb": args.keep_mb}
+           "passes": pipe.head.network_passes(), "kept": pipe.head.last_kept, "keep_mb": args.keep_mb, "mmap_mb": args.mmap_mb}
     shutil.rmtree(tmp, ignore_errors=True)
     print(json.dumps(out))
 
@@ -177,7 +178,8 @@ def child_time(args) -> None:
     from volattack.models.sources import load_model
 
     pipe, x, y, tmp, (folder, scan) = setup(args, args.size)
-    recompute = load_model(folder, folds=list(range(args.folds)), keep_activations_mb=0).deploy(scan)
+    recompute = load_model(folder, folds=list(range(args.folds)), keep_activations_mb=0,
+                           mmap_threshold_mb=args.mmap_mb).deploy(scan)
     head = pipe.head
     with torch.no_grad():
         xpad = head._pad(head.resize_in(pipe.to_model(x)).float())
@@ -294,6 +296,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--folds", type=int, default=2)
     ap.add_argument("--keep-mb", type=float, default=1024.0, help="keep_activations_mb of the measured step")
+    ap.add_argument("--mmap-mb", type=float, default=0.0, help="mmap_threshold_mb of the model (0: glibc's defaults)")
     add_results_args(ap)
     ap.add_argument("--predictor-check", metavar="RUN_DIR",
                     help="instead: nnUNetPredictor's Dice on the clean and adversarial files of a "
@@ -312,7 +315,8 @@ def main() -> None:
         predictor_dice(Path(args.model), Path(args.datalist), Path(args.predictor_check))
         return None
     refuse_quick_write(ap, args)
-    common = ["--model", args.model, "--folds", str(args.folds), "--reps", str(args.reps), "--keep-mb", str(args.keep_mb)]
+    common = ["--model", args.model, "--folds", str(args.folds), "--reps", str(args.reps), "--keep-mb", str(args.keep_mb),
+              "--mmap-mb", str(args.mmap_mb)]
     mem = {k: run_child("--child", "memory", "--size", *map(str, s), *common)
            for k, s in (("small", args.small), ("big", args.big))}
     print(json.dumps(mem), flush=True)

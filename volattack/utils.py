@@ -1,4 +1,4 @@
-"""Small shared helpers: atomic writes, versions, device choice (light imports)."""
+"""Small shared helpers: atomic writes, versions, device choice, the C allocator (light imports)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike, suffix: str = ".tmp") -> Path:
@@ -75,6 +75,43 @@ def versions() -> dict[str, str]:
         except Exception:  # pragma: no cover - optional
             out[mod] = "unavailable"
     return out
+
+
+_LIBC: list = []  # [glibc handle or None], looked up once
+_M_MMAP_THRESHOLD = -3  # glibc malloc.h
+
+
+def _glibc() -> Optional[Any]:
+    if not _LIBC:
+        import ctypes
+        import ctypes.util
+
+        try:
+            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            _LIBC.append(lib if hasattr(lib, "mallopt") and hasattr(lib, "gnu_get_libc_version") else None)
+        except OSError:
+            _LIBC.append(None)
+    return _LIBC[0]
+
+
+def set_mmap_threshold(threshold_bytes: int) -> bool:
+    """Have the C library serve every allocation of at least ``threshold_bytes`` from a fresh
+    memory mapping that goes back to the operating system when freed (glibc
+    ``mallopt(M_MMAP_THRESHOLD)``), for the rest of the process; returns whether it took effect
+    (``False`` off glibc).
+
+    Why: glibc raises its mmap threshold to the size of each large block freed (up to 32 MiB), so
+    afterwards volume-sized tensors come from its heap, and a computation that frees and allocates
+    many of them (the window-wise forward and backward of a deployed nnU-Net pipeline) leaves
+    freed blocks resident beside the live ones: the peak then exceeds what is live by tens of MiB
+    per million voxels (``benchmarks/bench_nnunet.py``). This is what the environment variable
+    ``MALLOC_MMAP_THRESHOLD_`` does at start-up. Mapped blocks cost a page fault per 4 KiB page
+    when first written.
+    """
+    lib = _glibc()
+    if lib is None:
+        return False
+    return bool(lib.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
 
 
 def resolve_device(name: str = "auto") -> "Any":

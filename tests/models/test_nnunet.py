@@ -263,6 +263,41 @@ def test_bad_keep_activations_is_named(model_dir, bad):
         load_model(model_dir, keep_activations_mb=bad)
 
 
+@pytest.mark.parametrize("bad, match", [(-1, "mmap_threshold_mb must be >= 0, got -1"),
+                                        (64, "mmap_threshold_mb must be <= 32, got 64"), ("x", "mmap_threshold_mb")])
+def test_bad_mmap_threshold_is_named(model_dir, bad, match):
+    with pytest.raises(ValueError, match=match):
+        load_model(model_dir, mmap_threshold_mb=bad)
+
+
+def test_deploying_sets_the_mmap_threshold_once_when_asked(model_dir, scan_file, monkeypatch):
+    import volattack.models.nnunet_deploy as nd
+    import volattack.utils
+
+    calls = []
+    monkeypatch.setattr(volattack.utils, "set_mmap_threshold", lambda n: calls.append(n) or True)
+    monkeypatch.setattr(nd, "_HEAP_SET", [])
+    scan = read_scan(scan_file)
+    load_model(model_dir).deploy(scan)
+    load_model(model_dir, mmap_threshold_mb=0).deploy(scan)
+    assert calls == []  # the default, 0, leaves the C allocator alone
+    loaded = load_model(model_dir, mmap_threshold_mb=2)
+    loaded.deploy(scan)
+    loaded.deploy(scan)
+    assert calls == [2 * 2 ** 20] and loaded.info["mmap_threshold_mb"] == 2.0  # once per process and value
+
+
+def test_set_mmap_threshold_reports_whether_glibc_took_it(monkeypatch):
+    import platform
+
+    import volattack.utils as vu
+
+    if platform.libc_ver()[0] == "glibc":
+        assert vu.set_mmap_threshold(32 * 2 ** 20) is True  # glibc's own dynamic ceiling: what a process has anyway
+    monkeypatch.setattr(vu, "_LIBC", [None])  # another C library
+    assert vu.set_mmap_threshold(2 ** 20) is False
+
+
 @pytest.mark.parametrize("spacings", [((1.5, 1.5, 3.0), (1.2, 1.4, 2.5)), ((4.5, 1.0, 1.0), (1.5, 1.2, 0.8))])
 def test_resampling_operator_is_nnunets(spacings):
     from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape, resample_data_or_seg_to_shape

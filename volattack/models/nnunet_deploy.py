@@ -14,6 +14,7 @@ applies the softmax; the steps' inverses uncrop (background probability 1) and t
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable
 
 import numpy as np
@@ -22,6 +23,8 @@ from volattack.inference.deployed import DeployedPipeline
 from volattack.inference.nnunet_head import NnunetHead
 from volattack.inference.nnunet_steps import NnunetNormalize, NnunetResize
 from volattack.inference.steps import Crop, Orient, Step
+
+logger = logging.getLogger(__name__)
 
 #: nnU-Net image readers whose axis order volattack reproduces.
 READERS: tuple[str, ...] = ("SimpleITKIO", "NibabelIO", "NibabelIOWithReorient")
@@ -70,6 +73,23 @@ def nonzero_box(array: np.ndarray) -> tuple[list[int], list[int], np.ndarray]:
     return [int(b[0]) for b in bbox], [int(b[1]) for b in bbox], mask[bounding_box_to_slice(bbox)]
 
 
+_HEAP_SET: list = []  # the threshold (bytes) this process was given, once
+
+
+def _limit_heap(mb: float) -> None:
+    """``mmap_threshold_mb`` > 0: glibc maps allocations of at least that size
+    (:func:`~volattack.utils.set_mmap_threshold`), once per process and value, logged."""
+    from volattack.utils import set_mmap_threshold
+
+    nbytes = int(float(mb) * 2 ** 20)
+    if nbytes <= 0 or nbytes in _HEAP_SET:
+        return
+    if set_mmap_threshold(nbytes):
+        _HEAP_SET[:] = [nbytes]
+        logger.info("nnunet: allocations of %s MiB and more are now mapped and returned to the OS when freed "
+                    "(glibc mmap threshold, for this process; option mmap_threshold_mb): less memory, slower passes", mb)
+
+
 def build_nnunet_pipeline(model: Any, opts: Any, scan: Any) -> DeployedPipeline:
     """The deployed pipeline of ``model`` (:class:`~volattack.models.sources.nnunet.NnunetModel`)
     with ``opts`` (``NnunetOptions``) on ``scan`` (a :class:`~volattack.data.source.SourceScan`).
@@ -84,6 +104,7 @@ def build_nnunet_pipeline(model: Any, opts: Any, scan: Any) -> DeployedPipeline:
     from volattack.models.deploy import source_bounds
 
     arr = np.asarray(scan.array, dtype=np.float32)
+    _limit_heap(getattr(opts, "mmap_threshold_mb", 0.0))
     if arr.ndim != 4 or arr.shape[0] != model.in_channels:
         raise ValueError(f"scan {str(scan.path)!r} has {arr.shape[0] if arr.ndim == 4 else '?'} channel(s); the nnU-Net "
                          f"model expects {model.in_channels} ({model.dataset_json.get('channel_names')}).")

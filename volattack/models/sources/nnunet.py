@@ -21,7 +21,13 @@ holding the checkpoint, like the predictor's auto-detection; ``"all"`` for ``fol
 ``fp16_accumulation`` (``True``: nnU-Net's float16 buffers, exact agreement), and volattack's own
 ``keep_activations_mb`` (1024: MiB of network-pass graphs kept from the forward to the backward
 pass, so that those passes are not recomputed; 0: every pass recomputed, one window's activations
-alive; the gradient is the same). ``LoadedModel.deploy``
+alive; the gradient is the same) and ``mmap_threshold_mb`` (0: the C allocator is left alone;
+``m`` > 0: when a pipeline is deployed, glibc is told to map allocations of ``m`` MiB and more and
+to return them to the OS when freed, for the rest of the process,
+:func:`volattack.utils.set_mmap_threshold`: peak memory then follows the live tensors, about 100
+instead of 130-240 bytes per extra source voxel at ``m = 1``, but every pass is much slower,
+1.6-1.9x in ``benchmarks/bench_nnunet.py``, from the page faults of fresh mappings; results do not
+depend on it). ``LoadedModel.deploy``
 builds the deployed pipeline on a scan (:mod:`volattack.models.nnunet_deploy`).
 
 Needs ``pip install 'volattack[nnunet]'`` (nnunetv2).
@@ -52,7 +58,7 @@ logger = logging.getLogger(__name__)
 
 #: options of the ``nnunet`` source
 OPTIONS: tuple[str, ...] = ("folds", "checkpoint", "configuration", "use_mirroring", "tile_step_size",
-                            "fp16_accumulation", "keep_activations_mb")
+                            "fp16_accumulation", "keep_activations_mb", "mmap_threshold_mb")
 
 #: globals an nnU-Net checkpoint needs besides tensors (its logging and init args hold numpy
 #: scalars); the numpy-1 spelling of the scalar reconstructor is accepted too.
@@ -107,6 +113,7 @@ class NnunetOptions:
     tile_step_size: float = 0.5
     fp16_accumulation: bool = True
     keep_activations_mb: float = 1024.0
+    mmap_threshold_mb: float = 0.0
 
     def __post_init__(self) -> None:
         self.folds = _parse_folds(self.folds)
@@ -120,6 +127,8 @@ class NnunetOptions:
         self.tile_step_size = float(_num(self.tile_step_size))
         check_number("keep_activations_mb", _num(self.keep_activations_mb), low=0)
         self.keep_activations_mb = float(_num(self.keep_activations_mb))
+        check_number("mmap_threshold_mb", _num(self.mmap_threshold_mb), low=0, high=32)
+        self.mmap_threshold_mb = float(_num(self.mmap_threshold_mb))
 
 
 def _bool(v: Any) -> Any:
@@ -367,7 +376,7 @@ class NnunetSource(ModelSource):
             checkpoint=opts.checkpoint, mirror_axes=None if model.mirror_axes is None else list(model.mirror_axes),
             use_mirroring=opts.use_mirroring, tile_step_size=opts.tile_step_size,
             fp16_accumulation=opts.fp16_accumulation, keep_activations_mb=opts.keep_activations_mb,
-            plans_name=model.plans.get("plans_name"),
+            mmap_threshold_mb=opts.mmap_threshold_mb, plans_name=model.plans.get("plans_name"),
             normalization=list(cm.normalization_schemes),
         )
         loaded.digest = _digest(model, opts)
