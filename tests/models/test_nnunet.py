@@ -35,24 +35,27 @@ def _write_nifti(path: Path, array: np.ndarray, spacing, dtype) -> None:
     nib.save(img, str(path))
 
 
-def _fingerprint(raw: Path, out: Path) -> None:
+def _fingerprint(raw: Path, out: Path, channels: int = 1) -> None:
     """nnU-Net's per-case fingerprint (``DatasetFingerprintExtractor.analyze_case``) in this process
-    (its ``run`` spawns a worker pool, which costs more than the tiny cases) and the dataset
-    statistics ``run`` derives from it."""
+    (its ``run`` spawns a worker pool, which costs more than the tiny cases) and the per-channel
+    dataset statistics ``run`` derives from it; images ``c{i}_{channel:04d}.nii.gz``."""
     from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
-    res = [DatasetFingerprintExtractor.analyze_case([str(raw / "imagesTr" / f"c{i}_0000.nii.gz")],
+    res = [DatasetFingerprintExtractor.analyze_case([str(raw / "imagesTr" / f"c{i}_{c:04d}.nii.gz") for c in range(channels)],
                                                     str(raw / "labelsTr" / f"c{i}.nii.gz"), SimpleITKIO, 10000)
            for i in range(len(SPACINGS))]
-    fg = np.concatenate([r[2][0] for r in res])
-    lo, med, hi = np.percentile(fg, (0.5, 50.0, 99.5))
-    stats = {"mean": float(fg.mean()), "median": float(med), "std": float(fg.std()), "min": float(fg.min()),
-             "max": float(fg.max()), "percentile_99_5": float(hi), "percentile_00_5": float(lo)}
+    props = {}
+    for c in range(channels):
+        fg = np.concatenate([r[2][c] for r in res])
+        lo, med, hi = np.percentile(fg, (0.5, 50.0, 99.5))
+        props[str(c)] = {"mean": float(fg.mean()), "median": float(med), "std": float(fg.std()),
+                         "min": float(fg.min()), "max": float(fg.max()), "percentile_99_5": float(hi),
+                         "percentile_00_5": float(lo)}
     out.mkdir(parents=True)
     (out / "dataset_fingerprint.json").write_text(json.dumps({
         "spacings": [[float(v) for v in r[1]] for r in res], "shapes_after_crop": [[int(v) for v in r[0]] for r in res],
-        "foreground_intensity_properties_per_channel": {"0": stats},
+        "foreground_intensity_properties_per_channel": props,
         "median_relative_size_after_cropping": float(np.median([r[4] for r in res]))}))
 
 

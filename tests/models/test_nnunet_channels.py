@@ -18,11 +18,17 @@ pytest.importorskip("nnunetv2", reason="nnunetv2 is not installed (pip install '
 from volattack.data.source import read_scan  # noqa: E402
 from volattack.models.sources import load_model  # noqa: E402
 
-from tests.models.test_nnunet import _checkpoint, _write_nifti  # noqa: E402
+from tests.models.test_nnunet import (  # noqa: E402,F401  (fixtures: one thread, nnU-Net's folders)
+    SPACINGS,
+    _checkpoint,
+    _fingerprint,
+    _write_nifti,
+    nnunet_env,
+    one_thread,
+)
 
 DATASET_ID = 988
 NAME = f"Dataset{DATASET_ID}_VolattackChannels"
-SPACINGS = [(1.5, 1.5, 3.0), (1.4, 1.4, 3.3), (1.6, 1.6, 2.8)]
 LABELS = {"background": 0, "liver": 1, "spleen": 2, "kidney_left": 3, "kidney_right": 4}
 
 
@@ -32,55 +38,14 @@ def _mr_like(ct: np.ndarray, seed: int) -> np.ndarray:
     return (0.6 * ct + 400.0 + rng.normal(0.0, 15.0, ct.shape)).clip(0, None)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
-def env(tmp_path_factory: pytest.TempPathFactory):
-    root = tmp_path_factory.mktemp("nnunet_channels")
-    vals = {"nnUNet_raw": str(root / "raw"), "nnUNet_preprocessed": str(root / "pre"),
-            "nnUNet_results": str(root / "res"), "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in vals.items():
-            mp.setenv(k, v)
-        yield root
-
-
-def _fingerprint(raw: Path, out: Path) -> None:
-    """nnU-Net's per-case fingerprint in this process and the per-channel statistics its ``run``
-    derives from it (as in ``test_nnunet._fingerprint``, for two channels)."""
-    from nnunetv2.experiment_planning.dataset_fingerprint.fingerprint_extractor import DatasetFingerprintExtractor
-    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
-
-    res = [DatasetFingerprintExtractor.analyze_case(
-        [str(raw / "imagesTr" / f"c{i}_{c:04d}.nii.gz") for c in (0, 1)], str(raw / "labelsTr" / f"c{i}.nii.gz"),
-        SimpleITKIO, 10000) for i in range(len(SPACINGS))]
-    props = {}
-    for c in (0, 1):
-        fg = np.concatenate([r[2][c] for r in res])
-        lo, med, hi = np.percentile(fg, (0.5, 50.0, 99.5))
-        props[str(c)] = {"mean": float(fg.mean()), "median": float(med), "std": float(fg.std()),
-                         "min": float(fg.min()), "max": float(fg.max()), "percentile_99_5": float(hi),
-                         "percentile_00_5": float(lo)}
-    out.mkdir(parents=True)
-    (out / "dataset_fingerprint.json").write_text(json.dumps({
-        "spacings": [[float(v) for v in r[1]] for r in res], "shapes_after_crop": [[int(v) for v in r[0]] for r in res],
-        "foreground_intensity_properties_per_channel": props,
-        "median_relative_size_after_cropping": float(np.median([r[4] for r in res]))}))
-
-
-@pytest.fixture(scope="module")
-def model_dir(env: Path) -> Path:
+def model_dir(nnunet_env: Path) -> Path:
     """Raw two-channel phantoms, nnU-Net's planner, two folds of random weights."""
     from nnunetv2.experiment_planning.plan_and_preprocess_api import plan_experiments
 
     from volattack.data.phantoms import generate_phantom
 
+    env = nnunet_env
     raw = env / "raw" / NAME
     (raw / "imagesTr").mkdir(parents=True)
     (raw / "labelsTr").mkdir()
@@ -91,7 +56,7 @@ def model_dir(env: Path) -> Path:
         _write_nifti(raw / "labelsTr" / f"c{i}.nii.gz", ph.label, sp, np.uint8)
     ds = {"channel_names": {"0": "CT", "1": "T2"}, "labels": LABELS, "numTraining": 3, "file_ending": ".nii.gz"}
     (raw / "dataset.json").write_text(json.dumps(ds))
-    _fingerprint(raw, env / "pre" / NAME)
+    _fingerprint(raw, env / "pre" / NAME, channels=2)
     plan_experiments([DATASET_ID])
     plans = json.loads((env / "pre" / NAME / "nnUNetPlans.json").read_text())
     arch = plans["configurations"]["3d_fullres"]["architecture"]["arch_kwargs"]
@@ -106,7 +71,7 @@ def model_dir(env: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def channel_files(env: Path) -> list[Path]:
+def channel_files(nnunet_env: Path) -> list[Path]:
     """A held-out case as two channel files (int16 HU and float32), zero border on the CT."""
     from volattack.data.phantoms import generate_phantom
 
@@ -114,7 +79,7 @@ def channel_files(env: Path) -> list[Path]:
     ph = generate_phantom(7, size=(26, 24, 22), spacing=sp)
     ct = np.round(ph.image)
     ct[:2] = 0
-    paths = [env / "case_0000.nii.gz", env / "case_0001.nii.gz"]
+    paths = [nnunet_env / "case_0000.nii.gz", nnunet_env / "case_0001.nii.gz"]
     _write_nifti(paths[0], ct, sp, np.int16)
     _write_nifti(paths[1], _mr_like(ph.image, 7), sp, np.float32)
     return paths
