@@ -5,6 +5,8 @@ Modules:
 
 - :mod:`~volattack.threats.config`: the ``train.poison`` and ``evaluate.trigger`` sections (light);
 - :mod:`~volattack.threats.triggers`: the trigger registry (patch, spectral/FIBA, DCT band, learned);
+- :mod:`~volattack.threats.joint_trigger`: ``dct_learned``, a block-DCT trigger optimised into the
+  victim's training (``train.poison.joint``, LIRA's supply-chain setting);
 - :mod:`~volattack.threats.poison`: target behaviours by class name, the choice of the poisoned
   cases and the poisoning of a training split;
 - :mod:`~volattack.threats.backdoor`: attack success, spectral signatures and fine-pruning;
@@ -20,6 +22,7 @@ from __future__ import annotations
 from volattack.registry import lazy_exports
 
 _LAZY = {
+    "JointConfig": "volattack.threats.config",
     "PoisonConfig": "volattack.threats.config",
     "TriggerEvalConfig": "volattack.threats.config",
     "TriggerSpec": "volattack.threats.config",
@@ -28,6 +31,8 @@ _LAZY = {
     "create_trigger": "volattack.threats.triggers",
     "list_triggers": "volattack.threats.triggers",
     "register_trigger": "volattack.threats.triggers",
+    "JointPoisoning": "volattack.threats.joint_trigger",
+    "LearnedDCTTrigger": "volattack.threats.joint_trigger",
     "Poisoner": "volattack.threats.poison",
     "choose_poisoned": "volattack.threats.poison",
     "poison_training_cases": "volattack.threats.poison",

@@ -73,6 +73,41 @@ class TriggerSpec:
 
 
 @dataclass
+class JointConfig:
+    """The ``train.poison.joint`` section: the trigger is optimised into the victim's training
+    (the supply-chain attacker of LIRA, Doan et al., ICCV 2021, and of BAPLe, Hanif et al., MICCAI
+    2024; :mod:`volattack.threats.joint_trigger`). Needs a trigger that can be optimised
+    (``dct_learned``).
+
+    Attributes:
+        lr: Adam learning rate of the trigger's coefficients (source units, e.g. HU, per step;
+            finite, > 0).
+        every: update the trigger on every ``every``-th training batch that holds poisoned crops
+            (integer >= 1; 1: on every such batch).
+        steps: Adam steps of the trigger per update (integer >= 1), each one forward and backward
+            pass of the poisoned crops through the current model.
+        pair: also train the model on the poisoned crops' clean copies with their true labels (the
+            poisoned cases are still ``round(rate * n)``; the batch grows by their crops).
+        repeat: the triggered crops appear this many times in the model's batch (integer >= 1; LIRA's
+            weight of the poisoned loss). Above 1 the model sees a larger share of poisoned crops
+            than ``rate``: not the fixed-rate threat of the issue's target.
+    """
+
+    lr: float = 0.5
+    every: int = 1
+    steps: int = 1
+    pair: bool = False
+    repeat: int = 1
+
+    def __post_init__(self) -> None:
+        check_number("poison.joint.lr", self.lr, low=0.0, low_open=True)
+        check_number("poison.joint.every", self.every, low=1, integer=True)
+        check_number("poison.joint.steps", self.steps, low=1, integer=True)
+        check_bool("poison.joint.pair", self.pair)
+        check_number("poison.joint.repeat", self.repeat, low=1, integer=True)
+
+
+@dataclass
 class PoisonConfig:
     """The ``train.poison`` section: backdoor poisoning of the training cases.
 
@@ -83,6 +118,9 @@ class PoisonConfig:
         target: the target behaviour by class name (module docstring).
         clean_label: add the trigger but leave the labels untouched (clean-label variant).
         seed: seed of the choice of the poisoned cases (a local ``torch.Generator``), recorded.
+        joint: optimise the trigger jointly with the model (:class:`JointConfig`; the poisoned
+            cases are then stored as clean copies; the current trigger and the target map are put
+            on their crops in every training step), or ``None`` (a fixed trigger).
     """
 
     trigger: TriggerSpec = field(default_factory=TriggerSpec)
@@ -90,10 +128,18 @@ class PoisonConfig:
     target: dict[str, Any] = field(default_factory=lambda: {"remove": ["liver"]})
     clean_label: bool = False
     seed: int = 0
+    joint: Optional[JointConfig] = None
 
     def __post_init__(self) -> None:
         if isinstance(self.trigger, dict):
             self.trigger = TriggerSpec(**self.trigger)
+        if isinstance(self.joint, dict):
+            unknown = sorted(set(self.joint) - {"lr", "every", "steps", "pair", "repeat"})
+            if unknown:
+                raise ValueError(f"poison.joint has unknown key(s) {unknown}; keys: lr, every, steps, pair, repeat.")
+            self.joint = JointConfig(**self.joint)
+        if self.joint is not None and not isinstance(self.joint, JointConfig):
+            raise ValueError(f"poison.joint must be a JointConfig, a mapping or None, got {self.joint!r}.")
         if not isinstance(self.trigger, TriggerSpec):
             raise ValueError(f"poison.trigger must be a TriggerSpec or a mapping, got {self.trigger!r}.")
         check_number("poison.rate", self.rate, low=0.0, high=1.0)
@@ -140,4 +186,4 @@ class TriggerEvalConfig:
             raise ValueError(f"evaluate.trigger.class_names must map label indices to names, got {self.class_names!r}.")
 
 
-__all__ = ["BEHAVIOURS", "PoisonConfig", "TriggerEvalConfig", "TriggerSpec", "check_target"]
+__all__ = ["BEHAVIOURS", "JointConfig", "PoisonConfig", "TriggerEvalConfig", "TriggerSpec", "check_target"]

@@ -14,7 +14,10 @@ poisoned cases as NIfTI files in source units on their preprocessed grid
 seed, the trigger, the resolved target, the class names); the training split then reads these
 files in place of the originals, through the same preprocessing (which maps them back to the
 triggered model input). The threat model is the one of FIBA (Feng et al., CVPR 2022): the
-attacker controls a share of the training data, not the training code.
+attacker controls a share of the training data, not the training code. With ``train.poison.joint``
+(:mod:`volattack.threats.joint_trigger`) the attacker controls training too (LIRA, Doan et al.,
+ICCV 2021): the poisoned cases are written as clean copies, and the trigger (optimised as it
+goes) and the target map are put on their crops during training.
 """
 
 from __future__ import annotations
@@ -138,17 +141,22 @@ class Poisoner:
         trigger: the trigger.
         resolved: the target behaviour in label indices (:func:`resolve_target`).
         clean_label: keep the labels (clean-label variant).
+        deferred: keep image and label (trigger and target map are added in training, ``train.poison.joint``).
     """
 
-    def __init__(self, trigger: Trigger, resolved: Mapping[str, Any], clean_label: bool = False) -> None:
+    def __init__(self, trigger: Trigger, resolved: Mapping[str, Any], clean_label: bool = False,
+                 deferred: bool = False) -> None:
         self.trigger, self.resolved, self.clean_label = trigger, dict(resolved), bool(clean_label)
+        self.deferred = bool(deferred)
 
     def poison(self, image: torch.Tensor, label: torch.Tensor, affine: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(triggered image, target map or the label itself for clean-label)``.
+        """``(triggered image, target map or the label itself for clean-label)``; both unchanged when deferred.
 
         Shape:
             image ``(1, C, H, W, D)``, label ``(1, 1, H, W, D)`` -> the same shapes.
         """
+        if self.deferred:  # train.poison.joint: trigger and target map are put on the crops in training
+            return image.clone(), label.clone()
         x_t = self.trigger.apply(image, affine)
         if self.clean_label:
             return x_t, label.clone()
@@ -229,7 +237,6 @@ def poison_training_cases(cfg: PoisonConfig, train_list: Sequence[Mapping[str, A
 
     from volattack.data.intensity import intensity_from_preprocess
     from volattack.data.io import write_nifti
-    from volattack.utils import atomic_write_json
 
     if not isinstance(cfg, PoisonConfig):
         raise ValueError(f"train.poison must be a PoisonConfig, got {type(cfg).__name__}.")
@@ -246,11 +253,15 @@ def poison_training_cases(cfg: PoisonConfig, train_list: Sequence[Mapping[str, A
         trigger, surrogate = build_trigger(cfg.trigger, intensity)
     except ValueError as e:
         raise ValueError(f"train.poison: {e}") from None
+    joint = getattr(cfg, "joint", None)
+    if joint is not None and not getattr(trigger, "joint_capable", False):
+        raise ValueError(f"train.poison.joint needs a trigger that can be optimised in training (dct_learned), "
+                         f"got trigger {cfg.trigger.name!r}.")
     chosen = choose_poisoned(len(train_list), float(cfg.rate), cfg.seed)
     cases = _load_checked(train_list, chosen, data_cfg, trigger)
     if surrogate is not None and cases:
         (fit or _fit_learned)(trigger, surrogate, data_cfg, cases, resolved)
-    poisoner = Poisoner(trigger, resolved, cfg.clean_label)
+    poisoner = Poisoner(trigger, resolved, cfg.clean_label, deferred=joint is not None)
     root, new, record = Path(out) / "poison", [dict(e) for e in train_list], []
     for i, (image, label, affine) in zip(chosen, cases):
         x_t, y_t = poisoner.poison(image, label, affine)
@@ -259,21 +270,38 @@ def poison_training_cases(cfg: PoisonConfig, train_list: Sequence[Mapping[str, A
         write_nifti(intensity.to_source(x_t[0, 0]).numpy(), img_path, affine)
         write_nifti(y_t[0, 0].numpy().astype(np.uint8), lab_path, affine, dtype=np.uint8)
         new[i] = {**new[i], "image": str(img_path), "label": str(lab_path)}
+        size = trigger.perceptibility(image, trigger.apply(image, affine))
         record.append({"index": i, "case": str(train_list[i]["image"]), "image": str(img_path),
-                       "label": str(lab_path), **{k: trigger.perceptibility(image, x_t)[k]
-                                                  for k in ("linf_units", "rms_units", "ssim")}})
+                       "label": str(lab_path), **{k: size[k] for k in ("linf_units", "rms_units", "ssim")}})
+    _write_record(cfg, trigger, surrogate, root, out, len(train_list), resolved, names, record)
+    logger.info("train.poison: %d of %d training cases poisoned (seed %d): %s", len(chosen), len(train_list),
+                cfg.seed, [r["case"] for r in record])
+    return new
+
+
+def _write_record(cfg: PoisonConfig, trigger: Trigger, surrogate: Optional[str], root: Path, out: str | Path, n: int,
+                  resolved: Mapping[str, Any], names: Mapping[int, str], record: list[dict[str, Any]]) -> None:
+    """Write ``<out>/poison.json``; a fitted pattern (``learned``) or coefficients (``dct_learned``)
+    are saved beside the poisoned cases and named in the trigger's params."""
+    from dataclasses import asdict
+
+    from volattack.utils import atomic_write_json
+
     trig = trigger.describe()
     if surrogate is not None:
         trig["params"]["pattern"] = str(trigger.save(root / "trigger.pt"))
         trig["params"]["surrogate"] = surrogate
+    if getattr(trigger, "joint_capable", False):
+        from volattack.threats.joint_trigger import COEFFS
+
+        trig["params"]["coeffs"] = str(trigger.save(root / COEFFS))
+    joint = getattr(cfg, "joint", None)
     atomic_write_json(Path(out) / RECORD, {
-        "n": len(train_list), "rate": cfg.rate, "k": len(chosen), "seed": cfg.seed, "clean_label": cfg.clean_label,
+        "n": n, "rate": cfg.rate, "k": len(record), "seed": cfg.seed, "clean_label": cfg.clean_label,
         "trigger": {"name": cfg.trigger.name, "params": trig["params"], "seed": cfg.trigger.seed},
         "target": cfg.target, "target_indices": {k: v for k, v in resolved.items()},
-        "class_names": {str(k): v for k, v in names.items()}, "poisoned": record})
-    logger.info("train.poison: %d of %d training cases poisoned (seed %d): %s", len(chosen), len(train_list),
-                cfg.seed, [r["case"] for r in record])
-    return new
+        "class_names": {str(k): v for k, v in names.items()}, "poisoned": record,
+        "joint": None if joint is None else asdict(joint)})
 
 
 def read_record(run: str | Path) -> dict[str, Any]:

@@ -23,6 +23,8 @@ Triggers:
 - ``learned``: an imperceptible tile-periodic pattern ``delta`` with ``||delta||_inf <= eps``
   (source units) optimised against a surrogate model so that it produces the target map
   (BAPLe, Hanif et al., MICCAI 2024, learns such a noise trigger).
+- ``dct_learned`` (:mod:`volattack.threats.joint_trigger`): learned block-DCT coefficients of one
+  band under an RMS budget, optimised into the victim's training (``train.poison.joint``, LIRA).
 
 Each trigger reports its perceptibility like an attack (:meth:`Trigger.perceptibility`: L-inf
 and RMS in model and source units, PSNR, SSIM, through :func:`volattack.measure.perturbation_stats`).
@@ -412,6 +414,8 @@ class LearnedTrigger(Trigger):
         torch.save(self.pattern.double().as_subclass(torch.Tensor).clone(), buf)
         return atomic_write_bytes(buf.getvalue(), path)
 
+
+from volattack.threats import joint_trigger  # noqa: E402,F401  (registers dct_learned, optimised in training)
 
 __all__ = ["DCTTrigger", "LearnedTrigger", "PatchTrigger", "SpectralTrigger", "TRIGGERS", "Trigger",
            "create_trigger", "list_triggers", "low_frequency_cube", "register_trigger", "tile_to"]

@@ -76,13 +76,18 @@ def load_split(data_cfg: DataConfig, key: str, optional: bool) -> list[dict[str,
 
 
 def poison_split(train_list: list[dict[str, Any]], poison: Any, data_cfg: DataConfig,
-                 out: Union[str, os.PathLike]) -> list[dict[str, Any]]:
+                 out: Union[str, os.PathLike], world: int = 1) -> list[dict[str, Any]]:
     """The ``train.poison`` hook: the training split with ``round(rate * n)`` cases poisoned
     (:func:`volattack.threats.poison.poison_training_cases`; ids in ``<out>/poison.json``), or the
-    split itself when ``poison`` is ``None``. Every check runs before anything is written."""
+    split itself when ``poison`` is ``None``. Every check runs before anything is written;
+    ``train.poison.joint`` (the trigger optimised in training) needs a single process (``world`` 1)."""
     if poison is None:
         return train_list
     from volattack.threats.poison import poison_training_cases
+
+    if getattr(poison, "joint", None) is not None and world > 1:
+        raise ValueError(f"train.poison.joint trains the trigger in a single process, got {world} ranks "
+                         "(WORLD_SIZE); run it without torchrun.")
 
     return poison_training_cases(poison, train_list, data_cfg, out)
 

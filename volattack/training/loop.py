@@ -214,6 +214,7 @@ class _Run:
     steps_per_epoch: int = 1
     configs: dict[str, Any] = field(default_factory=dict)
     objective: Optional[Any] = None  # the loss: train.temperature / distill / defense (training.distill)
+    joint: Optional[Any] = None  # train.poison.joint: the trigger optimised in training (threats.joint_trigger)
 
     @property
     def main(self) -> bool:
@@ -226,6 +227,7 @@ class _Run:
         """Seeded model (identical on every rank), optimizer, resume or fine-tune, roi check and
         adversary: everything that can fail on the config before any data is cached."""
         from volattack.defenses.adversarial import build_adversary
+        from volattack.threats.joint_trigger import joint_poisoning
         from volattack.training.distill import build_objective
 
         _check_split_sizes(data_cfg, len(train_list), len(val_list), ctx)
@@ -245,12 +247,13 @@ class _Run:
         objective = build_objective(train_cfg, model_cfg, net, device, seed=seed)  # teacher, sanitiser
         attack = build_adversary(train_cfg.adversary, objective.attack_model,
                                  bounds=(float(pre.b_min), float(pre.b_max)), seed=seed, amp_dtype=amp_dtype)
-        train_list = poison_split(train_list, train_cfg.poison, data_cfg, out)  # train.poison (threats.poison)
+        train_list = poison_split(train_list, train_cfg.poison, data_cfg, out, ctx.world)  # train.poison
+        joint = joint_poisoning(train_cfg.poison, data_cfg, out, resume=resume)  # train.poison.joint, or None
         if main:
             out.mkdir(parents=True, exist_ok=True)
         configs = {"model": asdict(model_cfg), "train": asdict(train_cfg), "data": asdict(data_cfg)}
         return cls(model_cfg, train_cfg, data_cfg, out, ctx, device, seed, net, optimizer, state, attack,
-                   train_list, val_list, amp_dtype=amp_dtype, configs=configs, objective=objective)
+                   train_list, val_list, amp_dtype=amp_dtype, configs=configs, objective=objective, joint=joint)
 
     def write_log(self) -> None:
         if self.main:
@@ -324,7 +327,10 @@ class _Run:
                 amp_dtype=self.amp_dtype, scaler=self.scaler, seed=rseed,
                 rank=ctx.rank, world_size=ctx.world, noise_sigma=cfg.noise_sigma,
                 bounds=(float(self.data_cfg.preprocess.b_min), float(self.data_cfg.preprocess.b_max)),
+                poison_hook=self.joint,
             )
+        if self.joint is not None and self.main:
+            self.joint.save()  # the trigger's coefficients so far (<out>/poison/), named in poison.json
         # mean over every rank's steps (the same on all ranks)
         total = all_sum(ctx, torch.tensor([sum(losses), len(losses)], dtype=torch.float64, device=device))
         mean_loss = float(total[0] / total[1]) if float(total[1]) > 0 else math.nan

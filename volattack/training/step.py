@@ -88,6 +88,7 @@ def train_epoch(
     world_size: int = 1,
     noise_sigma: float = 0.0,
     bounds: Optional[tuple[float, float]] = None,
+    poison_hook: Optional[Callable[..., torch.Tensor]] = None,
 ) -> list[float]:
     """One pass over ``loader``: per batch, the clean loss (``attack`` None) or
     :func:`~volattack.defenses.adversarial.adversarial_loss` (PGD-AT, fast AT, VAFT ...), backward
@@ -116,6 +117,8 @@ def train_epoch(
         noise_sigma: ``train.noise_sigma``: Gaussian noise of this std (input units) on every crop
             before the model or the adversary sees it (:func:`noise_crops`); 0: none.
         bounds: ``(b_min, b_max)`` the noisy crops are clamped into (``None``: no clamping).
+        poison_hook: ``train.poison.joint`` (:class:`~volattack.threats.joint_trigger.JointPoisoning`):
+            ``hook(model, batch, image, label)`` updates the trigger, returns the poisoned batch.
 
     Returns:
         The loss of every step, as floats.
@@ -136,21 +139,28 @@ def train_epoch(
                 group["lr"] = lr_now
         image = as_tensor(batch["image"]).to(device)
         label = as_tensor(batch["label"]).to(device).long()
+        if poison_hook is not None:
+            image, label = poison_hook(model, batch, image, label)
         ids = crop_sample_ids(crops_seen, image.shape[0], rank, world_size)
         step_seed = seed * STEP_SEED_STRIDE + it
         image = noise_crops(image, noise_sigma, step_seed, ids, bounds)
         optimizer.zero_grad(set_to_none=True)
         loss = _batch_loss(model, image, label, loss_fn, attack, adv_cfg, amp_dtype, step_seed, ids, device)
         crops_seen += image.shape[0]
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        _backward_step(loss, optimizer, scaler)
         losses.append(float(loss.detach()))
     return losses
+
+
+def _backward_step(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: Optional[Any]) -> None:
+    """Backward pass and optimiser step, through the ``GradScaler`` when one is given (float16 AMP)."""
+    if scaler is not None:
+        scaler.scale(loss).backward()
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        loss.backward()
+        optimizer.step()
 
 
 def _batch_loss(model: nn.Module, image: torch.Tensor, label: torch.Tensor, loss_fn: nn.Module,
