@@ -30,7 +30,7 @@ def test_list(capsys):
     assert "attacks: " in out and "pgd" in out and "models: " in out and "unet" in out and "dice_ce" in out
     lines = dict(line.split(": ", 1) for line in out.strip().splitlines())
     assert list(lines) == ["attacks", "models", "objectives", "defenses", "sources", "triggers", "detectors"]
-    assert set(lines["triggers"].split(", ")) == {"patch", "spectral", "dct", "learned"}
+    assert set(lines["triggers"].split(", ")) == {"patch", "spectral", "dct", "learned", "dct_learned"}
     assert set(lines["detectors"].split(", ")) == {"uncertainty", "spectral", "mahalanobis", "cnn"}
     assert "nnunet" in lines["sources"] and "dct_quant" in lines["defenses"]
     assert main(["list", "triggers"]) == 0 and capsys.readouterr().out == f"triggers: {lines['triggers']}\n"
