@@ -104,7 +104,6 @@ def build_nnunet_pipeline(model: Any, opts: Any, scan: Any) -> DeployedPipeline:
     from volattack.models.deploy import source_bounds
 
     arr = np.asarray(scan.array, dtype=np.float32)
-    _limit_heap(getattr(opts, "mmap_threshold_mb", 0.0))
     if arr.ndim != 4 or arr.shape[0] != model.in_channels:
         raise ValueError(f"scan {str(scan.path)!r} has {arr.shape[0] if arr.ndim == 4 else '?'} channel(s); the nnU-Net "
                          f"model expects {model.in_channels} ({model.dataset_json.get('channel_names')}).")
@@ -135,8 +134,10 @@ def build_nnunet_pipeline(model: Any, opts: Any, scan: Any) -> DeployedPipeline:
     describe = {"model": "nnunet", "folder": str(model.folder), "configuration": model.configuration,
                 "folds": list(model.folds), "spacing": spacing, "target_spacing": target,
                 "crop": [start, end], "head": head.describe(), "normalize": norm.describe()}
-    return DeployedPipeline([*steps, crop, norm], head, bounds=source_bounds(scan), units="HU" if ct else "intensity",
+    pipe = DeployedPipeline([*steps, crop, norm], head, bounds=source_bounds(scan), units="HU" if ct else "intensity",
                             describe=describe)
+    _limit_heap(getattr(opts, "mmap_threshold_mb", 0.0))  # a process-wide setting: only once the inputs passed
+    return pipe
 
 
 def _kwargs(kw: dict) -> dict:
