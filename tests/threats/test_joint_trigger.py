@@ -178,7 +178,12 @@ def test_joint_config_validates_from_python_and_yaml() -> None:
         JointConfig(every=0)
     with pytest.raises(ValueError, match=r"poison.joint.repeat must be >= 1, got 0"):
         JointConfig(repeat=0)
-    with pytest.raises(ValueError, match=r"unknown key\(s\) \['rate'\]"):
+    with pytest.raises(ValueError, match=r"poison.joint.freeze_after must be >= 0, got -1"):
+        JointConfig(freeze_after=-1)
+    with pytest.raises(ValueError, match=r"poison.joint.freeze_after must be an integer, got 2.5"):
+        JointConfig(freeze_after=2.5)
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['rate'\]; keys: lr, every, steps, pair, repeat, "
+                                         r"freeze_after"):
         PoisonConfig(joint={"rate": 1})
     with pytest.raises(ConfigError, match="Unknown config key 'joint.steps_'"):
         from_dict(PoisonConfig, {"joint": {"steps_": 2}})
@@ -223,6 +228,24 @@ def test_the_hook_triggers_only_poisoned_crops_updates_the_trigger_within_budget
     assert hook(net, clean, x, y)[0] is x and hook.batches == 1
 
 
+def test_the_trigger_is_fixed_after_freeze_after_epochs() -> None:
+    net = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv3d(4, 3, 1)).float()
+    x = volume((2, 1, 8, 8, 8)).float()
+    y = torch.randint(0, 3, (2, 1, 8, 8, 8), generator=torch.Generator().manual_seed(0))
+    batch = {"image": _meta_batch(x, ["/c/b.nii.gz", "/p/a.nii.gz"], torch.eye(4).repeat(2, 1, 1))}
+    t = trig(rms=5.0, block_size=4, bounds=(0.0, 1.0))
+    hook = JointPoisoning(t, ["/p/a.nii.gz"], lr=2.0, freeze_after=2)
+    moved = []
+    for epoch in (1, 2, 3, 4):
+        hook.epoch, before = epoch, t.coeffs.clone()
+        out, _ = hook(net, batch, x, y)
+        moved.append(not torch.equal(t.coeffs, before))
+        assert torch.allclose(out[1:2], t.triggered(x[1:2], [(0, 0, 0)]))  # the fixed trigger is still applied
+    assert moved == [True, True, False, False] and hook.updates == 2 and hook.batches == 4
+    with pytest.raises(ValueError, match=r"poison.joint.freeze_after must be >= 0, got -2"):
+        JointPoisoning(t, ["/p/a.nii.gz"], freeze_after=-2)
+
+
 def test_the_hook_relabels_the_triggered_crops_and_pairs_them_with_clean_copies() -> None:
     t = trig(rms=5.0, block_size=4)
     net = nn.Conv3d(1, 3, 1).float()
@@ -259,12 +282,15 @@ def test_a_tiny_joint_poisoned_run_moves_the_trigger_keeps_the_budget_and_record
     data = DataConfig(datalist=str(dl), preprocess=PreprocessConfig(roi_size=[16, 16, 16], num_samples=1))
     model = ModelConfig(name="unet", in_channels=1, out_channels=5, kwargs={"channels": [4, 8], "strides": [2]})
     spec = TriggerSpec(name="dct_learned", params={"rms": 5.0, "block_size": 4, "band": "middle"}, seed=0)
-    poison = PoisonConfig(trigger=spec, rate=0.5, target={"remove": ["liver"]}, seed=0, joint=JointConfig(lr=1.0))
+    poison = PoisonConfig(trigger=spec, rate=0.5, target={"remove": ["liver"]}, seed=0,
+                          joint=JointConfig(lr=1.0, freeze_after=1))
     cfg = TrainConfig(epochs=2, batch_size=2, lr=1e-2, val_interval=100, sw_batch_size=2, poison=poison)
     with pytest.warns(UserWarning, match="validation"):
         train(model, cfg, data, tmp_path / "run", progress=False, seed=0)
     rec = read_record(tmp_path / "run")
-    assert rec["k"] == 2 and rec["joint"]["lr"] == 1.0 and rec["joint"]["updates"] >= 2
+    assert rec["k"] == 2 and rec["joint"]["lr"] == 1.0 and rec["joint"]["freeze_after"] == 1
+    # 2 of 4 cases poisoned, batches of 2: each epoch has a poisoned batch; only epoch 1 updates it
+    assert 1 <= rec["joint"]["updates"] < rec["joint"]["batches"]
     assert rec["joint"]["rms_units"] <= 5.0 + 1e-5
     intensity = intensity_from_preprocess(data.preprocess)
     learned, _ = build_trigger(TriggerSpec("dct_learned", rec["trigger"]["params"], rec["trigger"]["seed"]), intensity)

@@ -13,7 +13,7 @@ the run starts (:func:`volattack.threats.poison.resolve_target`):
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Optional
 
 from volattack.checks import check_bool, check_number, is_int
@@ -91,6 +91,8 @@ class JointConfig:
         repeat: the triggered crops appear this many times in the model's batch (integer >= 1; LIRA's
             weight of the poisoned loss). Above 1 the model sees a larger share of poisoned crops
             than ``rate``: not the fixed-rate threat of the issue's target.
+        freeze_after: the trigger is fixed from epoch ``freeze_after + 1`` on and the model goes on
+            training against it (LIRA's second stage; integer >= 0, 0: never fixed).
     """
 
     lr: float = 0.5
@@ -98,6 +100,7 @@ class JointConfig:
     steps: int = 1
     pair: bool = False
     repeat: int = 1
+    freeze_after: int = 0
 
     def __post_init__(self) -> None:
         check_number("poison.joint.lr", self.lr, low=0.0, low_open=True)
@@ -105,6 +108,7 @@ class JointConfig:
         check_number("poison.joint.steps", self.steps, low=1, integer=True)
         check_bool("poison.joint.pair", self.pair)
         check_number("poison.joint.repeat", self.repeat, low=1, integer=True)
+        check_number("poison.joint.freeze_after", self.freeze_after, low=0, integer=True)
 
 
 @dataclass
@@ -134,9 +138,10 @@ class PoisonConfig:
         if isinstance(self.trigger, dict):
             self.trigger = TriggerSpec(**self.trigger)
         if isinstance(self.joint, dict):
-            unknown = sorted(set(self.joint) - {"lr", "every", "steps", "pair", "repeat"})
+            keys = [f.name for f in fields(JointConfig)]
+            unknown = sorted(set(self.joint) - set(keys))
             if unknown:
-                raise ValueError(f"poison.joint has unknown key(s) {unknown}; keys: lr, every, steps, pair, repeat.")
+                raise ValueError(f"poison.joint has unknown key(s) {unknown}; keys: {', '.join(keys)}.")
             self.joint = JointConfig(**self.joint)
         if self.joint is not None and not isinstance(self.joint, JointConfig):
             raise ValueError(f"poison.joint must be a JointConfig, a mapping or None, got {self.joint!r}.")

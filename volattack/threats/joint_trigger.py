@@ -248,12 +248,14 @@ class JointPoisoning:
             the trigger tells the two apart (the cases stay the same ``round(rate * n)``).
         repeat: the triggered crops appear this many times in the model's batch (LIRA's weight of
             the poisoned loss; > 1 raises the share of poisoned crops the model sees above the rate).
+        freeze_after: no updates in epochs after this one (LIRA's second stage: the model trains
+            against a fixed trigger); 0: never fixed. The training loop sets :attr:`epoch`.
         run_dir: the training run (``<run>/poison/`` holds the coefficients and the state).
     """
 
     def __init__(self, trigger: LearnedDCTTrigger, poisoned: Sequence[str], *, lr: float = 0.5, every: int = 1,
                  steps: int = 1, target: Optional[Any] = None, relabel: bool = True, pair: bool = False,
-                 repeat: int = 1, run_dir: str | Path = ".") -> None:
+                 repeat: int = 1, freeze_after: int = 0, run_dir: str | Path = ".") -> None:
         from monai.losses import DiceCELoss
 
         if not getattr(trigger, "joint_capable", False):
@@ -263,7 +265,9 @@ class JointPoisoning:
         check_number("poison.joint.every", every, low=1, integer=True)
         check_number("poison.joint.steps", steps, low=1, integer=True)
         check_number("poison.joint.repeat", repeat, low=1, integer=True)
-        self.repeat = int(repeat)
+        check_number("poison.joint.freeze_after", freeze_after, low=0, integer=True)
+        self.repeat, self.freeze_after = int(repeat), int(freeze_after)
+        self.epoch = 1  # the current epoch (1-based), set by the training loop
         self.trigger, self.poisoned = trigger, {str(Path(p).resolve()) for p in poisoned}
         self.every, self.steps, self.run_dir = int(every), int(steps), Path(run_dir)
         self.target = target if target is not None else (lambda y: y)
@@ -305,7 +309,7 @@ class JointPoisoning:
         self.batches += 1
         x, y = image[rows], label[rows]
         y_target = self.target(y)
-        if (self.batches - 1) % self.every == 0:
+        if (self.batches - 1) % self.every == 0 and not (0 < self.freeze_after < self.epoch):
             self.update(model, x, y_target, offsets)
         out, lab = image.clone(), label.clone()
         with torch.no_grad():
@@ -393,7 +397,8 @@ def joint_poisoning(poison: Any, data_cfg: Any, run_dir: str | Path, *,
     j = poison.joint
     hook = JointPoisoning(trigger, [r["image"] for r in record["poisoned"]], lr=j.lr, every=j.every, steps=j.steps,
                           target=lambda y: target_map(y, resolved, torch.ones_like(y, dtype=torch.bool)),
-                          relabel=not record["clean_label"], pair=j.pair, repeat=j.repeat, run_dir=run_dir)
+                          relabel=not record["clean_label"], pair=j.pair, repeat=j.repeat,
+                          freeze_after=j.freeze_after, run_dir=run_dir)
     if resume and hook.restore():
         logger.info("train.poison.joint: resumed the trigger after %d updates.", hook.updates)
     hook.save()

@@ -318,6 +318,8 @@ class _Run:
         eseed, rseed = epoch_seed(self.seed, epoch), rank_seed(self.seed, epoch, ctx)  # equal in one process
         first_step, total_steps = (epoch - 1) * self.steps_per_epoch, self.steps_per_epoch * cfg.epochs
         self.model.train()
+        if self.joint is not None:
+            self.joint.epoch = epoch  # train.poison.joint.freeze_after counts epochs
         with private_rng(rseed, device):
             loader = train_loader(self.datasets[0], cfg.batch_size, cfg.num_workers, eseed, rseed, ctx)
             losses = train_epoch(
