@@ -112,17 +112,20 @@ def bare_passes(head, xpad, with_nograd_forward: bool) -> None:
     """The network passes over the head's windows, flips and folds (input gradients only)."""
     import torch
 
+    from volattack.utils import heap_allocations
+
     for net in head.networks:
         for sl in head._layout["slicers"]:
             w = xpad[(slice(None), slice(None)) + sl]
-            for dims in head.flips:
-                wi = (torch.flip(w, dims) if dims else w).contiguous()
-                if with_nograd_forward:
-                    with torch.no_grad():
-                        net(wi)
-                wi = wi.requires_grad_(True)
-                out = net(wi)
-                torch.autograd.grad(out, [wi], torch.ones_like(out))
+            with heap_allocations():  # as the head runs its passes (a no-op under glibc's defaults)
+                for dims in head.flips:
+                    wi = (torch.flip(w, dims) if dims else w).contiguous()
+                    if with_nograd_forward:
+                        with torch.no_grad():
+                            net(wi)
+                    wi = wi.requires_grad_(True)
+                    out = net(wi)
+                    torch.autograd.grad(out, [wi], torch.ones_like(out))
 
 
 def setup(args, size, keep_mb=None):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
 import tempfile
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 
 def atomic_write_bytes(data: bytes, path: str | os.PathLike, suffix: str = ".tmp") -> Path:
@@ -78,7 +79,7 @@ def versions() -> dict[str, str]:
 
 
 _LIBC: list = []  # [glibc handle or None], looked up once
-_M_MMAP_THRESHOLD = -3  # glibc malloc.h
+_M_MMAP_THRESHOLD, _M_TRIM_THRESHOLD = -3, -1  # glibc malloc.h
 
 
 def _glibc() -> Optional[Any]:
@@ -111,7 +112,40 @@ def set_mmap_threshold(threshold_bytes: int) -> bool:
     lib = _glibc()
     if lib is None:
         return False
-    return bool(lib.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
+    ok = bool(lib.mallopt(_M_MMAP_THRESHOLD, int(threshold_bytes)))
+    if ok:
+        _THRESHOLD[:] = [int(threshold_bytes)]
+        # a threshold set by hand also freezes glibc's trim threshold at 128 KiB: the heap would be
+        # given back after every window's pass and faulted in again by the next; keep glibc's own
+        # ceiling for it (twice the mmap ceiling), a constant, not a per-voxel, amount
+        lib.mallopt(_M_TRIM_THRESHOLD, 2 * HEAP_CEILING)
+    return ok
+
+
+_THRESHOLD: list = []  # [bytes]: the mmap threshold set_mmap_threshold last gave glibc
+HEAP_CEILING = 32 * 2 ** 20  # glibc's largest mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
+
+
+@contextlib.contextmanager
+def heap_allocations() -> Iterator[None]:
+    """Within the block, allocations below 32 MiB come from glibc's heap again (mmap threshold
+    32 MiB, glibc's own ceiling); on leaving it, the threshold :func:`set_mmap_threshold` set is
+    restored. A no-op when no threshold was set (glibc's defaults are left alone) or off glibc.
+
+    Why: with a low threshold every freed volume-sized block goes back to the OS (the peak follows
+    the live tensors), but a network pass over a sliding window then maps, faults in and unmaps
+    its activations afresh each time. Run inside this block, a pass reuses the heap's blocks of
+    the previous pass; its tensors are window-sized, so the heap does not grow with the volume.
+    """
+    if not _THRESHOLD or _THRESHOLD[0] >= HEAP_CEILING:
+        yield
+        return
+    lib = _glibc()
+    lib.mallopt(_M_MMAP_THRESHOLD, HEAP_CEILING)
+    try:
+        yield
+    finally:
+        lib.mallopt(_M_MMAP_THRESHOLD, _THRESHOLD[0])
 
 
 def resolve_device(name: str = "auto") -> "Any":

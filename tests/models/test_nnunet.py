@@ -301,6 +301,88 @@ def test_set_mmap_threshold_reports_whether_glibc_took_it(monkeypatch):
     assert vu.set_mmap_threshold(2 ** 20) is False
 
 
+class _FakeLibc:
+    """Records ``mallopt`` calls (``(param, value)``)."""
+
+    def __init__(self) -> None:
+        self.calls: list = []
+
+    def mallopt(self, param: int, value: int) -> int:
+        self.calls.append((param, value))
+        return 1
+
+
+def test_heap_allocations_lifts_the_threshold_inside_and_restores_it(monkeypatch):
+    import volattack.utils as vu
+
+    lib = _FakeLibc()
+    monkeypatch.setattr(vu, "_LIBC", [lib])
+    monkeypatch.setattr(vu, "_THRESHOLD", [])
+    with vu.heap_allocations():
+        pass
+    assert lib.calls == []  # nothing set: glibc's defaults are left alone
+    assert vu.set_mmap_threshold(2 ** 20) and lib.calls == [(-3, 2 ** 20), (-1, 64 * 2 ** 20)]  # trim: glibc's max
+    del lib.calls[:]
+    with pytest.raises(RuntimeError, match="inside"):
+        with vu.heap_allocations():
+            assert lib.calls[-1] == (-3, 32 * 2 ** 20)  # the heap again, up to glibc's ceiling
+            raise RuntimeError("inside")
+    assert lib.calls == [(-3, 32 * 2 ** 20), (-3, 2 ** 20)]  # restored, also after an error
+    vu.set_mmap_threshold(32 * 2 ** 20)
+    with vu.heap_allocations():
+        pass
+    assert len(lib.calls) == 4  # a threshold at the ceiling: nothing to lift
+
+
+def test_every_network_pass_and_its_backward_run_on_the_heap(model_dir, scan_file, monkeypatch):
+    """With a low mmap threshold only the volume-sized buffers are mapped: each window's network
+    passes (forward, kept or recomputed, and backward) run inside ``heap_allocations``."""
+    import contextlib
+
+    import volattack.inference.nnunet_head as nh
+
+    depth = [0]
+    seen = {"forward": 0, "backward": 0, "outside": 0}
+
+    @contextlib.contextmanager
+    def bracket():
+        depth[0] += 1
+        try:
+            yield
+        finally:
+            depth[0] -= 1
+
+    def check(kind):
+        seen[kind if depth[0] > 0 else "outside"] += 1
+
+    class Watched(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            check("forward")
+            y = self.net(x)
+            if y.requires_grad:
+                y.register_hook(lambda g: check("backward"))
+            return y
+
+    monkeypatch.setattr(nh, "heap_allocations", bracket)
+    scan = read_scan(scan_file)
+    x0 = torch.from_numpy(scan.array)[None]
+    full = load_model(model_dir, fp16_accumulation=False).deploy(scan)
+    for keep in (None, 0.0):  # every pass kept; then every pass recomputed in the backward
+        kw = {} if keep is None else {"keep_activations_mb": keep}
+        pipe = full if keep is None else load_model(model_dir, fp16_accumulation=False, **kw).deploy(scan)
+        pipe.head.networks = torch.nn.ModuleList([Watched(n) for n in pipe.head.networks])
+        x = x0.clone().requires_grad_(True)
+        pipe(x).sum().backward()
+    passes = full.head.network_passes()
+    assert full.head.last_kept == passes  # the first run kept every pass: one forward each
+    # kept: 1 forward per pass; recomputed: the forward without grad and the recomputation
+    assert seen == {"forward": 3 * passes, "backward": 2 * passes, "outside": 0}
+
+
 @pytest.mark.parametrize("spacings", [((1.5, 1.5, 3.0), (1.2, 1.4, 2.5)), ((4.5, 1.0, 1.0), (1.5, 1.2, 0.8))])
 def test_resampling_operator_is_nnunets(spacings):
     from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape, resample_data_or_seg_to_shape

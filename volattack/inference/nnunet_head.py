@@ -46,6 +46,7 @@ from torch.autograd.function import once_differentiable
 from volattack.checks import check_number
 from volattack.inference.kept_passes import KeptPasses
 from volattack.inference.nnunet_steps import NnunetResize
+from volattack.utils import heap_allocations
 
 
 def mirror_combinations(axes: Optional[Sequence[int]]) -> list[tuple[int, ...]]:
@@ -170,7 +171,8 @@ class NnunetHead(nn.Module):
             acc = None
             for j, sl in enumerate(self._layout["slicers"]):
                 idx = (slice(None), slice(None)) + sl
-                pred = self._mirrored(net, xpad[idx].contiguous(), keep, (i, j))[0] * g32
+                with heap_allocations():  # window-sized: the heap's blocks, reused pass after pass
+                    pred = self._mirrored(net, xpad[idx].contiguous(), keep, (i, j))[0] * g32
                 if acc is None:
                     acc = torch.zeros((pred.shape[0],) + tuple(xpad.shape[2:]), dtype=acc_dtype, device=xpad.device)
                 acc[(slice(None),) + sl] += pred
@@ -248,19 +250,20 @@ class NnunetHead(nn.Module):
         for i, net in enumerate(self.networks):
             for j, sl in enumerate(self._layout["slicers"]):
                 idx = (slice(None), slice(None)) + sl
-                gw = g[idx] * gauss * scale
-                w = xpad[idx]
-                for f, dims in enumerate(self.flips):
-                    kept = keep.pop((i, j, f)) if keep is not None else None
-                    if kept is not None:
-                        wi, out = kept
-                    else:
-                        wi = (torch.flip(w, dims) if dims else w).contiguous().requires_grad_(True)
-                        with torch.enable_grad():
-                            out = net(wi)
-                    (gi,) = torch.autograd.grad(out, [wi], torch.flip(gw, dims) if dims else gw)
-                    grad[idx] += torch.flip(gi, dims) if dims else gi
-                    del out, gi, wi
+                with heap_allocations():  # window-sized (see fold_logits)
+                    gw = g[idx] * gauss * scale
+                    w = xpad[idx]
+                    for f, dims in enumerate(self.flips):
+                        kept = keep.pop((i, j, f)) if keep is not None else None
+                        if kept is not None:
+                            wi, out = kept
+                        else:
+                            wi = (torch.flip(w, dims) if dims else w).contiguous().requires_grad_(True)
+                            with torch.enable_grad():
+                                out = net(wi)
+                        (gi,) = torch.autograd.grad(out, [wi], torch.flip(gw, dims) if dims else gw)
+                        grad[idx] += torch.flip(gi, dims) if dims else gi
+                        del out, gi, wi
         return grad
 
     def describe(self) -> dict[str, Any]:
