@@ -299,7 +299,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--folds", type=int, default=2)
     ap.add_argument("--keep-mb", type=float, default=1024.0, help="keep_activations_mb of the measured step")
-    ap.add_argument("--mmap-mb", type=float, default=0.0, help="mmap_threshold_mb of the model (0: glibc's defaults)")
+    ap.add_argument("--mmap-mb", type=float, default=1.0,
+                    help="mmap_threshold_mb of the model (default 1, the option's default; 0: glibc's defaults)")
     add_results_args(ap)
     ap.add_argument("--predictor-check", metavar="RUN_DIR",
                     help="instead: nnUNetPredictor's Dice on the clean and adversarial files of a "

@@ -281,13 +281,15 @@ def test_deploying_sets_the_mmap_threshold_once_when_asked(model_dir, scan_file,
     monkeypatch.setattr(volattack.utils, "set_mmap_threshold", lambda n: calls.append(n) or True)
     monkeypatch.setattr(nd, "_HEAP_SET", [])
     scan = read_scan(scan_file)
-    load_model(model_dir).deploy(scan)
     load_model(model_dir, mmap_threshold_mb=0).deploy(scan)
-    assert calls == []  # the default, 0, leaves the C allocator alone
+    assert calls == []  # 0 leaves the C allocator alone
     loaded = load_model(model_dir, mmap_threshold_mb=2)
     loaded.deploy(scan)
     loaded.deploy(scan)
     assert calls == [2 * 2 ** 20] and loaded.info["mmap_threshold_mb"] == 2.0  # once per process and value
+    default = load_model(model_dir)
+    default.deploy(scan)
+    assert calls == [2 * 2 ** 20, 2 ** 20] and default.info["mmap_threshold_mb"] == 1.0  # the default: 1 MiB
 
 
 def test_set_mmap_threshold_reports_whether_glibc_took_it(monkeypatch):

@@ -21,12 +21,12 @@ holding the checkpoint, like the predictor's auto-detection; ``"all"`` for ``fol
 ``fp16_accumulation`` (``True``: nnU-Net's float16 buffers, exact agreement), and volattack's own
 ``keep_activations_mb`` (1024: MiB of network-pass graphs kept from the forward to the backward
 pass, so that those passes are not recomputed; 0: every pass recomputed, one window's activations
-alive; the gradient is the same) and ``mmap_threshold_mb`` (0: the C allocator is left alone;
-``m`` > 0: when a pipeline is deployed, glibc is told to map allocations of ``m`` MiB and more and
-to return them to the OS when freed, for the rest of the process,
-:func:`volattack.utils.set_mmap_threshold`: peak memory then follows the live tensors, about 100
-instead of 130-240 bytes per extra source voxel at ``m = 1``, but every pass is much slower,
-1.6-1.9x in ``benchmarks/bench_nnunet.py``, from the page faults of fresh mappings; results do not
+alive; the gradient is the same) and ``mmap_threshold_mb`` (1: when a pipeline is deployed,
+glibc is told to map allocations of 1 MiB and more and to return them to the OS when freed, for
+the rest of the process, :func:`volattack.utils.set_mmap_threshold`, while each window's network
+passes run on its heap, :func:`volattack.utils.heap_allocations`: the volume-sized buffers no longer
+pile up on the heap, 53-124 instead of 132-234 bytes per extra source voxel in
+``benchmarks/bench_nnunet.py``, at no cost to the passes; 0: the C allocator is left alone; results do not
 depend on it). ``LoadedModel.deploy``
 builds the deployed pipeline on a scan (:mod:`volattack.models.nnunet_deploy`).
 
@@ -113,7 +113,7 @@ class NnunetOptions:
     tile_step_size: float = 0.5
     fp16_accumulation: bool = True
     keep_activations_mb: float = 1024.0
-    mmap_threshold_mb: float = 0.0
+    mmap_threshold_mb: float = 1.0
 
     def __post_init__(self) -> None:
         self.folds = _parse_folds(self.folds)
