@@ -26,7 +26,9 @@ glibc is told to map allocations of 1 MiB and more and to return them to the OS 
 the rest of the process, :func:`volattack.utils.set_mmap_threshold`, while each window's network
 passes run on its heap, :func:`volattack.utils.heap_allocations`: the volume-sized buffers no longer
 pile up on the heap, 53-124 instead of 132-234 bytes per extra source voxel in
-``benchmarks/bench_nnunet.py``, at no cost to the passes; 0: the C allocator is left alone; results do not
+``benchmarks/bench_nnunet.py``, at no cost to the passes; other models run in the same process
+afterwards see the 1 MiB threshold on their own passes, about 1.2x slower for small ones; 0: the C
+allocator is left alone; results do not
 depend on it). ``LoadedModel.deploy``
 builds the deployed pipeline on a scan (:mod:`volattack.models.nnunet_deploy`).
 
