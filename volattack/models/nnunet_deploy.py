@@ -87,7 +87,8 @@ def _limit_heap(mb: float) -> None:
     if set_mmap_threshold(nbytes):
         _HEAP_SET[:] = [nbytes]
         logger.info("nnunet: allocations of %s MiB and more are now mapped and returned to the OS when freed "
-                    "(glibc mmap threshold, for this process; option mmap_threshold_mb): less memory, slower passes", mb)
+                    "(glibc mmap threshold, for this process; option mmap_threshold_mb); the window passes stay on "
+                    "the heap", mb)
 
 
 def build_nnunet_pipeline(model: Any, opts: Any, scan: Any) -> DeployedPipeline:

@@ -27,7 +27,8 @@ the rest of the process, :func:`volattack.utils.set_mmap_threshold`, while each 
 passes run on its heap, :func:`volattack.utils.heap_allocations`: the volume-sized buffers no longer
 pile up on the heap, 53-124 instead of 132-234 bytes per extra source voxel in
 ``benchmarks/bench_nnunet.py``, at no cost to the passes; other models run in the same process
-afterwards see the 1 MiB threshold on their own passes, about 1.2x slower for small ones; 0: the C
+afterwards see the 1 MiB threshold on their own passes (1.16-1.22x slower for the quickstart
+model, measured before the trim threshold was kept; not re-measured); 0: the C
 allocator is left alone; results do not
 depend on it). ``LoadedModel.deploy``
 builds the deployed pipeline on a scan (:mod:`volattack.models.nnunet_deploy`).
