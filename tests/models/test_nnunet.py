@@ -303,6 +303,31 @@ def test_set_mmap_threshold_reports_whether_glibc_took_it(monkeypatch):
     assert vu.set_mmap_threshold(2 ** 20) is False
 
 
+def test_the_kept_passes_arena_is_reused_by_the_next_step_and_never_shared(model_dir, scan_file):
+    """After a backward the head keeps the arena for the next forward (its pages stay resident);
+    two forwards alive at once never share it; the gradients are those of a fresh head."""
+    scan = read_scan(scan_file)
+    x0 = torch.from_numpy(scan.array)[None]
+    w = torch.randn((1, 5) + tuple(x0.shape[2:]), generator=torch.Generator().manual_seed(2))
+    pipe = load_model(model_dir, fp16_accumulation=False).deploy(scan)
+    ref = _grad(load_model(model_dir, fp16_accumulation=False).deploy(scan), x0, w)
+    assert pipe.head._spare_arena is None
+    g1 = _grad(pipe, x0, w)
+    arena = pipe.head._spare_arena
+    assert arena is not None and pipe.head.last_kept == pipe.head.network_passes()
+    g2 = _grad(pipe, x0 * 0.5, w)  # a different input through the reused arena
+    assert pipe.head._spare_arena.data_ptr() == arena.data_ptr()
+    torch.testing.assert_close(g1, ref)
+    torch.testing.assert_close(g2, _grad(load_model(model_dir, fp16_accumulation=False).deploy(scan), x0 * 0.5, w))
+    xa, xb = x0.clone().requires_grad_(True), (x0 * 0.5).requires_grad_(True)
+    la, lb = (pipe(xa) * w).sum(), (pipe(xb) * w).sum()  # both alive: the second got its own arena
+    assert pipe.head._spare_arena is None
+    lb.backward()
+    la.backward()
+    torch.testing.assert_close(xa.grad, ref)
+    torch.testing.assert_close(xb.grad, g2)
+
+
 class _FakeLibc:
     """Records ``mallopt`` calls (``(param, value)``)."""
 

@@ -11,7 +11,9 @@ backward allocate around them then add up instead of reusing one another (measur
 preallocated byte arena (the technique of ``torch.autograd.graph.save_on_cpu``, with a bump
 allocator instead of pinned host copies): the originals are freed as the pass goes on, the heap
 holds only short-lived buffers, and the arena is one mapping of at most the budget, given back as a
-whole when the cache is released.
+whole when the cache is released, or handed to the next cache (:meth:`KeptPasses.take_arena`: the
+nnU-Net head reuses it in the next attack step, whose copies then land on resident pages instead of
+faulting in a fresh mapping).
 """
 
 from __future__ import annotations
@@ -38,12 +40,14 @@ class KeptPasses:
         budget: bytes (>= 0).
     """
 
-    def __init__(self, budget: int) -> None:
+    def __init__(self, budget: int, arena: Optional[torch.Tensor] = None) -> None:
         self.budget = int(budget)
         self.used = 0
         self.per_pass: Optional[int] = None
         self.kept: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._arena: Optional[torch.Tensor] = None
+        cap = self.budget - self.budget % _ALIGN
+        ok = arena is not None and arena.dtype == torch.uint8 and arena.numel() == cap
+        self._arena: Optional[torch.Tensor] = arena if ok else None  # a previous cache's, reused
         self._typed: dict[torch.dtype, torch.Tensor] = {}
         self._top = 0  # bytes of the arena in use
         self._full = False  # a pass overflowed the arena: run the rest without autograd
@@ -132,6 +136,12 @@ class KeptPasses:
     def pop(self, key: tuple[int, ...]) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """The kept ``(input leaf, output)`` of ``key`` (forgotten here), or ``None``."""
         return self.kept.pop(key, None)
+
+    def take_arena(self) -> Optional[torch.Tensor]:
+        """:meth:`release`, handing the arena over (for the next cache: its pages are resident)."""
+        arena = self._arena
+        self.release()
+        return arena
 
     def release(self) -> None:
         """Forget every kept pass and the arena."""

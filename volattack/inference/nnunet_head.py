@@ -103,6 +103,7 @@ class NnunetHead(nn.Module):
         self._layout = self._plan_windows()
         #: network passes whose graphs the last differentiable forward kept, and the bytes one pass saves
         self.last_kept: int = 0
+        self._spare_arena: Optional[torch.Tensor] = None  # the last backward's KeptPasses arena
         self.last_pass_bytes: Optional[int] = None
 
     def _plan_windows(self) -> dict[str, Any]:
@@ -280,7 +281,8 @@ class _HeadVJP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, head: NnunetHead) -> torch.Tensor:
-        keep = KeptPasses(head.keep_bytes) if head.keep_bytes > 0 else None
+        arena, head._spare_arena = head._spare_arena, None  # at most one live cache owns it
+        keep = KeptPasses(head.keep_bytes, arena) if head.keep_bytes > 0 else None
         p = head.probabilities(x, keep)
         head.last_kept = len(keep.kept) if keep is not None else 0
         head.last_pass_bytes = keep.per_pass if keep is not None else None
@@ -297,7 +299,7 @@ class _HeadVJP(torch.autograd.Function):
             return ctx.head.input_grad(x, grad_p, p, keep).to(x.dtype), None
         finally:
             if keep is not None:
-                keep.release()
+                ctx.head._spare_arena = keep.take_arena()  # the next forward reuses its resident pages
 
 
 __all__ = ["NnunetHead", "mirror_combinations"]
