@@ -45,8 +45,8 @@ class KeptPasses:
         self.used = 0
         self.per_pass: Optional[int] = None
         self.kept: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = {}
-        cap = self.budget - self.budget % _ALIGN
-        ok = arena is not None and arena.dtype == torch.uint8 and arena.numel() == cap
+        self._cap = self.budget - self.budget % _ALIGN  # the arena's bytes
+        ok = arena is not None and arena.dtype == torch.uint8 and arena.numel() == self._cap
         self._arena: Optional[torch.Tensor] = arena if ok else None  # a previous cache's, reused
         self._typed: dict[torch.dtype, torch.Tensor] = {}
         self._top = 0  # bytes of the arena in use
@@ -81,9 +81,9 @@ class KeptPasses:
         if self._full or (self.per_pass is not None and self.used + self.per_pass > self.budget):
             with torch.no_grad():
                 return net(w.contiguous())
-        if self._arena is None:
-            cap = self.budget - self.budget % _ALIGN
-            self._arena = torch.empty(cap, dtype=torch.uint8, device=w.device)
+        if self._arena is None or (self._top == 0 and self._arena.device != w.device):  # a reused one: same device
+            self._arena = torch.empty(self._cap, dtype=torch.uint8, device=w.device)
+            self._typed.clear()
         arena, start = self._arena, self._top
         home = arena.untyped_storage().data_ptr()
         copies: dict[tuple[int, int], int] = {}

@@ -59,6 +59,7 @@ import torch
 import torch.nn as nn
 
 from volattack.checks import check_bool, check_number
+from volattack.threats.config import JointConfig
 from volattack.threats.triggers import Trigger, register_trigger
 
 logger = logging.getLogger(__name__)
@@ -261,17 +262,13 @@ class JointPoisoning:
         if not getattr(trigger, "joint_capable", False):
             raise ValueError(f"train.poison.joint needs a trigger that can be optimised (dct_learned), got "
                              f"{type(trigger).__name__}.")
-        check_number("poison.joint.lr", lr, low=0.0, low_open=True)
-        check_number("poison.joint.every", every, low=1, integer=True)
-        check_number("poison.joint.steps", steps, low=1, integer=True)
-        check_number("poison.joint.repeat", repeat, low=1, integer=True)
-        check_number("poison.joint.freeze_after", freeze_after, low=0, integer=True)
+        JointConfig(lr=lr, every=every, steps=steps, pair=pair, repeat=repeat, freeze_after=freeze_after)  # checks
         self.repeat, self.freeze_after = int(repeat), int(freeze_after)
         self.epoch = 1  # the current epoch (1-based), set by the training loop
         self.trigger, self.poisoned = trigger, {str(Path(p).resolve()) for p in poisoned}
         self.every, self.steps, self.run_dir = int(every), int(steps), Path(run_dir)
         self.target = target if target is not None else (lambda y: y)
-        self.relabel, self.pair = check_bool("relabel", relabel), check_bool("poison.joint.pair", pair)
+        self.relabel, self.pair = check_bool("relabel", relabel), bool(pair)
         self.coeffs = nn.Parameter(trigger.coeffs.clone().float())
         self.optimizer = torch.optim.Adam([self.coeffs], lr=float(lr))
         self.loss = DiceCELoss(to_onehot_y=True, softmax=True)
