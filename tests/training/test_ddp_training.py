@@ -152,8 +152,8 @@ from volattack.defenses.config import AdversaryConfig
 from volattack.models.config import ModelConfig
 from volattack.training.config import TrainConfig
 
-nets, checks = [], {"calls": 0, "bad_mode": 0, "stray_grads": 0}
-_create, _adv_loss = loop.create_model, adv_mod.adversarial_loss
+nets, checks = [], {"calls": 0, "bad_mode": 0, "stray_grads": 0, "ddp_alive_at_teardown": 0}
+_create, _adv_loss, _teardown = loop.create_model, adv_mod.adversarial_loss, loop.teardown
 
 
 def spy_create(*a, **k):
@@ -169,7 +169,16 @@ def spy_adv_loss(model, *a, **k):
     return loss, terms
 
 
-loop.create_model, adv_mod.adversarial_loss = spy_create, spy_adv_loss
+def spy_teardown(ctx):
+    # a DDP wrapper still alive here would destroy the group from its reducer, GIL held (deadlock)
+    import gc
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    checks["ddp_alive_at_teardown"] += sum(isinstance(o, DDP) for o in gc.get_objects())
+    _teardown(ctx)
+
+
+loop.create_model, adv_mod.adversarial_loss, loop.teardown = spy_create, spy_adv_loss, spy_teardown
 datalist, root = sys.argv[1], sys.argv[2]
 data = DataConfig(datalist=datalist,
                   preprocess=PreprocessConfig(roi_size=[16, 16, 16], num_samples=1, crop_foreground=False))
@@ -198,8 +207,9 @@ with open(f"{root}/rank{rank}.json", "w") as f:
 def test_torchrun_adversarial_training_resume_and_identical_ranks(data: DataConfig, tmp_path: Path) -> None:
     """PGD adversarial training on 2 ranks (clean + adversarial term: two DDP forward passes around the
     attack per step): both ranks end with the same parameters (and those are in last.pt), the attack
-    leaves the module clean, and a run resumed under torchrun (every rank loads last.pt) ends where an
-    uninterrupted one does."""
+    leaves the module clean, a run resumed under torchrun (every rank loads last.pt) ends where an
+    uninterrupted one does, and no DDP wrapper outlives its run into the group's teardown (its reducer
+    would then destroy the group with the GIL held: the deadlock seen under CPU contention)."""
     (tmp_path / "ranks.py").write_text(SCRIPT)
     _torchrun("ranks.py", data.datalist, str(tmp_path), cwd=tmp_path)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
@@ -207,7 +217,7 @@ def test_torchrun_adversarial_training_resume_and_identical_ranks(data: DataConf
     assert len(ranks[0]["digests"]) == 3 and ranks[0]["digests"] == ranks[1]["digests"]
     # 2 epochs x 2 steps per rank (4 cases, 2 ranks, batch 1) on part + full: 8 adversarial steps per rank
     for r in ranks:
-        assert r["checks"] == {"calls": 8, "bad_mode": 0, "stray_grads": 0}
+        assert r["checks"] == {"calls": 8, "bad_mode": 0, "stray_grads": 0, "ddp_alive_at_teardown": 0}
 
     for name in ("part", "full"):
         run = tmp_path / name

@@ -260,7 +260,14 @@ class _Run:
             write_log(self.out / LOG, self.state, seed=self.seed, world_size=self.ctx.world, configs=self.configs)
 
     def fit(self, *, progress: bool, t_start: float) -> dict[str, Any]:
-        """Train the remaining epochs; returns :func:`~volattack.training.state.summary`."""
+        """Train the remaining epochs; returns :func:`~volattack.training.state.summary`. The DDP
+        wrapper is dropped on the way out, returning or raising (:meth:`release_ddp`)."""
+        try:
+            return self._fit(progress=progress, t_start=t_start)
+        finally:
+            self.release_ddp()
+
+    def _fit(self, *, progress: bool, t_start: float) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         cfg = self.train_cfg
@@ -285,6 +292,21 @@ class _Run:
         check_ranks_in_sync(self.ctx, self.net)
         barrier(self.ctx, self.device)  # no rank returns (and reads best.pt) before rank 0 has written it
         return summary(self.out, self.state.best_dice, cfg.epochs, time.perf_counter() - t_start, self.seed)
+
+    def release_ddp(self) -> None:
+        """Drop the DDP wrapper before the process group is destroyed.
+
+        DDP's reducer holds a reference to the gloo/nccl group. Were it the last one, the group
+        would be destroyed inside the reducer's destructor with the GIL held, joining a worker
+        thread that may still need the GIL to free the last collective's tensors: a deadlock,
+        seen under CPU contention between two ``train`` calls in one torchrun worker. Freed here,
+        the group's last reference is the registry's, which ``destroy_process_group`` drops with
+        the GIL released.
+        """
+        import gc
+
+        self.model = self.net
+        gc.collect()  # a wrapper caught in a reference cycle goes now, not at some later collection
 
     def _build_data(self, progress: bool) -> None:
         """Datasets (deterministic transforms cached when ``train.cache``), the DDP wrapper and
